@@ -1,0 +1,120 @@
+"""The `cxr-node` command: one entry point for hospital IT, with subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from cxr_node.config import Config, ConfigError, default_config_path, effective_config, load_config
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cxr_node.logs import configure_logging
+    from cxr_node.node import Node, build_stages
+    from cxr_node.store import Store
+
+    config = _config(args)
+    configure_logging(config.logging.level, config.logging.phi)
+    store = Store(config.database_path)
+    return Node(config, build_stages(config, store)).run()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cxr_node.logs import configure_logging
+    from workers.tasks import run_worker
+
+    config = _config(args)
+    configure_logging(config.logging.level, config.logging.phi)
+    run_worker(config, concurrency=args.concurrency, hostname=args.hostname)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: OK", file=sys.stderr)
+    print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cxr_node.store import Store
+
+    config = _config(args)
+    store = Store(config.database_path)
+    counts = store.counts_by_state()
+    print("studies: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    rows = [
+        (s.study_key, s.state.value, str(s.revision), str(len(store.instances(s.study_uid))),
+         _age(s.last_received_at), _age(s.state_changed_at), s.reason or "")
+        for s in store.studies(limit=args.limit)
+    ]
+    _table(["study", "state", "rev", "images", "last image", "in state", "reason"], rows)
+    return 0
+
+
+def _age(then: float) -> str:
+    seconds = max(0, time.time() - then)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-node", description="Draft preliminary chest X-ray reports next to a PACS."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if config:
+            p.add_argument("--config", type=Path, default=default_config_path(),
+                           help="YAML configuration (default: $CXR_NODE_CONFIG or "
+                                "/etc/cxr-node/cxr-node.yaml)")
+        p.set_defaults(func=func)
+        return p
+
+    command("serve", cmd_serve, "run the node: receive, assemble, draft, report, dispatch")
+    p = command("worker", cmd_worker, "run a drafting worker (one per GPU)")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--hostname", default=None, help="Celery node name (default: cxr@host)")
+    p = command("status", cmd_status, "show recent studies and their state")
+    p.add_argument("--limit", type=int, default=30)
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="what", required=True)
+    p = cfg.add_parser("check", help="validate a configuration file and print it as the node sees it")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""The node's configuration: YAML files validated once, at start-up.
+
+An unknown key or a bad value stops the node with one message per problem naming the file, the
+line, the key, the value found and what is expected, so hospital IT can fix it without reading code.
+Secrets never live in the YAML: they come from the environment or from files (systemd credentials).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/cxr-node/cxr-node.yaml")
+CONFIG_ENV = "CXR_NODE_CONFIG"
+
+# Environment variables that override a path or carry a secret; nothing else is read from the env.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "CXR_NODE_STATE_DIR": ("node", "state_dir"),
+    "CXR_NODE_MODEL_PATH": ("model", "path"),
+    "CXR_NODE_ADAPTER_PATH": ("model", "adapter"),
+    "CXR_NODE_BROKER_URL": ("queue", "broker"),
+}
+BROKER_PASSWORD_ENV = "CXR_NODE_BROKER_PASSWORD"
+BROKER_PASSWORD_CREDENTIAL = "broker-password"
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is meant for the person who wrote it."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    if not isinstance(value, str) or not AE_TITLE_RE.match(value) or not value.strip():
+        raise ValueError("an AE title: 1 to 16 printable ASCII characters, no backslash")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths in a file are relative to that file, not to wherever the node was started."""
+    base = (info.context or {}).get("base")
+    return (base / value).resolve() if base and not value.is_absolute() else value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+class TLSConfig(_Section):
+    """DICOM TLS (PS3.15 B.1). Files are PEM; the private key is a secret path, not a secret value."""
+
+    certificate: ConfigPath
+    private_key: ConfigPath
+    ca_certificates: ConfigPath | None = Field(
+        None, description="CA bundle that peer certificates must chain to"
+    )
+    require_client_certificate: bool = False
+    minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TLSConfig:
+        if self.require_client_certificate and not self.ca_certificates:
+            raise ValueError("ca_certificates, to check client certificates against")
+        return self
+
+
+class NodeConfig(_Section):
+    ae_title: AETitle = "CXR_NODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    state_dir: ConfigPath = Path("/var/lib/cxr-node")
+    max_associations: int = Field(16, ge=1, le=512)
+    min_free_disk_mb: int = Field(2048, ge=0)
+    receivers: int = Field(2, ge=1, le=64, description="receiver processes sharing the port")
+    fsync: bool = True
+    max_pdu_bytes: int = Field(0, ge=0, description="0 = unlimited")
+    acse_timeout_seconds: float = Field(10.0, gt=0)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    tls: TLSConfig | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("an IP address to listen on, such as 127.0.0.1 or 0.0.0.0") from None
+        return v
+
+
+class AcceptRule(_Section):
+    """One calling AE title allowed from one network; both must match."""
+
+    ae_title: str
+    network: str
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return v if v == "*" else _ae_title(v)
+
+    @field_validator("network")
+    @classmethod
+    def _net(cls, v: str) -> str:
+        if v == "*":
+            return v
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ValueError('an IP network such as 10.0.0.0/24 or 127.0.0.1/32, or "*"') from None
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.ae_title != "*" and self.ae_title != ae_title.strip():
+            return False
+        if self.network == "*":
+            return True
+        try:
+            return ipaddress.ip_address(address) in ipaddress.ip_network(self.network)
+        except ValueError:
+            return False
+
+
+class RoutingRules(_Section):
+    """Which instances a draft may be made from; "" matches an absent or empty attribute."""
+
+    modalities: list[str] = ["CR", "DX"]
+    body_parts: list[str] = ["CHEST", ""]
+    view_positions: list[str] = ["PA", "AP", "LL", "RL", "LATERAL", ""]
+
+    @field_validator("modalities", "body_parts", "view_positions")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [s.strip().upper() for s in v]
+
+
+class StudyConfig(_Section):
+    settle_seconds: float = Field(30.0, ge=0)
+    max_wait_seconds: float = Field(900.0, gt=0)
+    rules: RoutingRules = RoutingRules()
+
+    @model_validator(mode="after")
+    def _order(self) -> StudyConfig:
+        if self.max_wait_seconds < self.settle_seconds:
+            raise ValueError("max_wait_seconds must be at least settle_seconds")
+        return self
+
+
+class QueueConfig(_Section):
+    """How the node hands studies to GPU workers (Celery)."""
+
+    broker: str = Field(
+        "embedded",
+        description='"embedded" (a folder under state_dir, no server) or redis://host:port/db',
+    )
+    name: str = "cxr.draft"
+    local_worker: bool | None = Field(
+        None, description="serve also runs a worker; default: yes with the embedded broker"
+    )
+    max_in_flight: int = Field(1, ge=1, description="draft tasks outstanding at once")
+    batch_size: int = Field(4, ge=1, le=64, description="studies per task (one generate call)")
+    task_time_limit_seconds: int = Field(600, ge=10)
+    visibility_timeout_seconds: int = Field(3600, ge=60)
+    result_timeout_seconds: int | None = Field(
+        None, description="re-queue a task with no result after this; default time limit + 120 s"
+    )
+    max_attempts: int = Field(3, ge=1, description="submissions of one study before it fails")
+    poll_interval_seconds: float = Field(0.1, gt=0, le=5)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        if v == "embedded":
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError('"embedded" or a redis:// or rediss:// URL')
+        if parts.password:
+            raise ValueError(
+                f"a URL without a password; put the password in ${BROKER_PASSWORD_ENV} "
+                f"or the systemd credential '{BROKER_PASSWORD_CREDENTIAL}'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> QueueConfig:
+        if self.visibility_timeout_seconds <= self.task_time_limit_seconds:
+            raise ValueError(
+                "visibility_timeout_seconds must be longer than task_time_limit_seconds, "
+                "or Redis hands a running draft to a second worker"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker == "embedded"
+
+    @property
+    def runs_local_worker(self) -> bool:
+        return self.embedded if self.local_worker is None else self.local_worker
+
+    @property
+    def effective_result_timeout(self) -> int:
+        return self.result_timeout_seconds or self.task_time_limit_seconds + 120
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    min_new_tokens: int = Field(0, ge=0)
+    num_beams: int = Field(1, ge=1, le=16)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, ge=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+
+
+DEFAULT_PROMPT = (
+    "You are a radiologist. Write the report of this chest X-ray study ({views}). "
+    "{indication}Answer with two sections, FINDINGS: and IMPRESSION:."
+)
+
+
+class ModelConfig(_Section):
+    """The vision-language model a worker loads, from a local directory only."""
+
+    path: ConfigPath | None = Field(
+        None, description="model directory; default <state_dir>/models/demo, built if absent"
+    )
+    adapter: ConfigPath | None = Field(None, description="optional peft LoRA adapter directory")
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    prompt: str = DEFAULT_PROMPT
+    send_indication: bool = Field(
+        False, description="put the request's reason text in the prompt (free text may hold PHI)"
+    )
+    max_images: int = Field(2, ge=1, le=8)
+    image_size: int = Field(896, ge=64, le=4096, description="longest side sent to the worker")
+    generation: GenerationConfig = GenerationConfig()
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        try:
+            v.format(views="", indication="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                "a prompt whose only placeholders are {views} and {indication}"
+            ) from exc
+        return v
+
+
+class ReportConfig(_Section):
+    series_number: int = Field(9901, ge=1, le=2**31 - 1)
+    series_description: str = Field("AI PRELIMINARY DRAFT", min_length=1, max_length=64)
+    institution_name: str | None = Field(None, max_length=64)
+    uid_root: str | None = Field(
+        None, description="your organisation's UID root; default: pydicom's root"
+    )
+    manufacturer: str = Field("cxr-node", max_length=64)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.rstrip(".") + "."
+        if not re.fullmatch(r"([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.", v) or len(v) > 32:
+            raise ValueError("a UID root of digits and dots, at most 32 characters")
+        return v
+
+
+class DicomDestination(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: AETitle | None = None
+    tls: TLSConfig | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class FolderDestination(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    folder: ConfigPath
+
+
+Destination = DicomDestination | FolderDestination
+
+
+class DispatchConfig(_Section):
+    max_attempts: int = Field(20, ge=1)
+    backoff_initial_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(900.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    phi: bool = Field(False, description="log patient and study identifiers (off by default)")
+
+
+class HttpConfig(_Section):
+    """Metrics, health check and the status page: loopback only unless IT says otherwise."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node: NodeConfig = NodeConfig()
+    accept: list[AcceptRule] = []
+    study: StudyConfig = StudyConfig()
+    queue: QueueConfig = QueueConfig()
+    model: ModelConfig = ModelConfig()
+    report: ReportConfig = ReportConfig()
+    destinations: list[Destination] = []
+    dispatch: DispatchConfig = DispatchConfig()
+    logging: LoggingConfig = LoggingConfig()
+    http: HttpConfig = HttpConfig()
+
+    source: Path | None = Field(None, exclude=True)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destination_kind(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        for i, item in enumerate(v):
+            if isinstance(item, dict) and "folder" not in item and "ae_title" not in item:
+                raise ValueError(
+                    f"destination [{i}] to have either ae_title, host and port (DICOM) or folder"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    # Derived locations: everything the node writes lives under state_dir.
+    @property
+    def state_dir(self) -> Path:
+        return self.node.state_dir
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "cxr-node.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.state_dir / "reports"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.jsonl"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.state_dir / "queue"
+
+    @property
+    def model_path(self) -> Path:
+        return self.model.path or self.state_dir / "models" / "demo"
+
+
+def broker_password() -> str | None:
+    """The Redis password, from systemd's credential directory or the environment, never YAML."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        cred = Path(cred_dir) / BROKER_PASSWORD_CREDENTIAL
+        if cred.is_file():
+            return cred.read_text().strip()
+    return os.environ.get(BROKER_PASSWORD_ENV) or None
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate one YAML file, or raise ConfigError."""
+    path = Path(path)
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the configuration file ({exc.strerror})"]) from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError([f"{path}:{line} not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (node, accept, ...)"])
+    for var, keys in ENV_OVERRIDES.items():
+        if environ.get(var):
+            section = data.setdefault(keys[0], {})
+            if isinstance(section, dict):
+                section[keys[1]] = environ[var]
+    try:
+        return Config.model_validate({**data, "source": path.resolve()},
+                                     context={"base": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError([_describe(path, root, err) for err in exc.errors()]) from None
+
+
+def _describe(path: Path, root: yaml.Node | None, err: Any) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+    key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    line = _line_of(root, loc)
+    where = f"{path}:{line}" if line else f"{path}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{key}'; check the spelling against the configuration reference"
+    if err["type"] == "missing":
+        return f"{where}: '{key}' is required"
+    value = err.get("input")
+    shown = _mask(repr(value)) if not isinstance(value, (dict, list)) else type(value).__name__
+    expected = msg.removeprefix("Input should be ")
+    return f"{where}: '{key}' = {shown}: expected {expected[:1].lower() + expected[1:]}"
+
+
+def _mask(text: str) -> str:
+    """Hide a password written into a URL, so an error message never repeats a secret."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+_UNION_TAGS = {"DicomDestination", "FolderDestination"}
+
+
+def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
+    """Line (1-based) of the YAML node at a pydantic error location, for a precise message."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                break
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The configuration as the node will use it, for `config check`; secrets are never in it."""
+    data = config.model_dump(mode="json")
+    data["queue"]["broker_password"] = "***" if broker_password() else None
+    return data

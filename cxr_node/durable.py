@@ -1,0 +1,56 @@
+"""Durable file writes: a file is either absent or whole on disk, never half-written.
+
+Temp file in the target directory, fsync, rename, fsync the directory: after this returns, a power
+cut cannot lose the file. Everything is private to the node's user (files 0600, directories 0700).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """Create a directory (and parents) readable only by the node's user."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, chunks: bytes | Iterable[bytes], fsync: bool = True) -> None:
+    """Write ``chunks`` to ``path`` so that the file appears complete or not at all."""
+    directory = private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
+                fh.write(chunk)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_mb(path: Path) -> float:
+    """Free space for the node's user on the file system holding ``path``, in MiB."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / 2**20

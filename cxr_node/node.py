@@ -1,0 +1,190 @@
+"""The node process: receiver processes on the DICOM port, one thread per pipeline stage.
+
+Stages keep no state of their own between steps; each step reads the database, does one unit of
+work and commits, so any stage can crash or the whole node can be killed and the next start goes on
+from the last committed state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Protocol
+
+import structlog
+
+from cxr_node.config import Config
+from cxr_node.logs import configure_logging
+from cxr_node.receive import Spool
+from cxr_node.store import Store
+
+log = structlog.get_logger("cxr_node.node")
+
+
+class Stage(Protocol):
+    def step(self) -> int: ...
+
+
+class StageRunner(threading.Thread):
+    """Runs one stage's ``step`` in a loop; an error is logged and the stage carries on."""
+
+    def __init__(self, name: str, stage: Stage, interval: float, stopping: threading.Event):
+        super().__init__(name=name, daemon=True)
+        self.stage = stage
+        self.interval = interval
+        self.stopping = stopping
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                busy = self.stage.step()
+            except Exception:
+                log.exception("stage.error", stage=self.name)
+                busy = 0
+            if not busy:
+                self.stopping.wait(self.interval)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when the node dies, so no orphan keeps the port."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def receiver_main(config: Config, associations: int, ready: Any, index: int) -> None:
+    """Entry point of one receiver process."""
+    from cxr_node.receive import Receiver
+    from cxr_node.tls import server_context
+
+    die_with_parent()
+    configure_logging(config.logging.level, config.logging.phi)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        receiver = Receiver(config, Store(config.database_path), associations,
+                            server_context(config.node.tls))
+    except OSError as exc:
+        ready.put((index, f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}"))
+        return
+    receiver.start()
+    ready.put((index, None))
+    stop.wait()
+    receiver.stop(grace_seconds=config.node.network_timeout_seconds)
+
+
+class Node:
+    """Starts and stops everything `cxr-node serve` runs."""
+
+    def __init__(self, config: Config, stages: list[tuple[str, Stage]]):
+        self.config = config
+        self.stages = stages
+        self.stopping = threading.Event()
+        self._mp = mp.get_context("spawn")
+        self._ready = self._mp.Queue()
+        self.receivers: list[mp.process.BaseProcess] = []
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        removed = Spool(self.config.spool_dir, self.config.quarantine_dir).remove_partial_files()
+        if removed:
+            log.warning("spool.partial_files_removed", count=removed)
+        problem = self._start_receivers()
+        if problem:
+            log.error("node.start_failed", reason=problem)
+            self._stop_receivers()
+            return 1
+        runners = [StageRunner(name, stage, self.config.queue.poll_interval_seconds, self.stopping)
+                   for name, stage in self.stages]
+        for runner in runners:
+            runner.start()
+        log.info("node.ready", ae_title=self.config.node.ae_title, port=self.config.node.port,
+                 receivers=len(self.receivers), stages=[name for name, _ in self.stages])
+        while not self.stopping.wait(1.0):
+            self._supervise()
+        log.info("node.stopping")
+        self._stop_receivers()
+        self._stop_worker()
+        for runner in runners:
+            runner.join(timeout=30)
+        log.info("node.stopped")
+        return 0
+
+    def _start_receivers(self) -> str | None:
+        for index in range(self.config.node.receivers):
+            self._spawn_receiver(index)
+        waiting = len(self.receivers)
+        while waiting:
+            try:
+                _, problem = self._ready.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in self.receivers if not p.is_alive()]
+                if dead:
+                    return f"receiver process exited with code {dead[0].exitcode}"
+                continue
+            if problem:
+                return problem
+            waiting -= 1
+        return None
+
+    def _spawn_receiver(self, index: int) -> None:
+        per_process = math.ceil(self.config.node.max_associations / self.config.node.receivers)
+        proc = self._mp.Process(target=receiver_main, name=f"cxr-receiver-{index}",
+                                args=(self.config, per_process, self._ready, index))
+        proc.start()
+        self.receivers.append(proc)
+
+    def _supervise(self) -> None:
+        """Restart a receiver process that died; start the local worker if it is not running."""
+        for index, proc in enumerate(self.receivers):
+            if not proc.is_alive():
+                log.error("receiver.died", index=index, exitcode=proc.exitcode)
+                self.receivers.remove(proc)
+                self._spawn_receiver(index)
+                break
+        if self.config.queue.runs_local_worker and (self.worker is None or self.worker.poll() is not None):
+            if self.worker is not None:
+                log.error("worker.died", exitcode=self.worker.returncode)
+            self.worker = start_local_worker(self.config)
+
+    def _stop_receivers(self) -> None:
+        for proc in self.receivers:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.receivers:
+            proc.join(timeout=self.config.node.network_timeout_seconds + 5)
+            if proc.is_alive():
+                proc.kill()
+
+    def _stop_worker(self) -> None:
+        if self.worker is None or self.worker.poll() is not None:
+            return
+        self.worker.send_signal(signal.SIGTERM)  # Celery warm shutdown: finish the draft in hand
+        try:
+            self.worker.wait(timeout=self.config.queue.task_time_limit_seconds)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+
+
+def start_local_worker(config: Config) -> subprocess.Popen[bytes]:
+    """The single-machine default: one worker process beside the node, same configuration."""
+    env = dict(os.environ, CXR_NODE_CONFIG=str(config.source))
+    cmd = [sys.executable, "-m", "cxr_node", "worker", "--config", str(config.source)]
+    log.info("worker.starting", local=True)
+    return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+
+
+def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
+    """The pipeline, in data-flow order."""
+    from cxr_node.assemble import StudyAssembler
+
+    return [("assemble", StudyAssembler(config.study, store))]

@@ -1,0 +1,427 @@
+"""Receive: the DICOM Storage SCP (C-STORE, C-ECHO) that modalities and the PACS send to.
+
+Nothing acknowledged is ever lost: an instance is written to a temp file, fsynced, renamed into the
+spool, its directory fsynced and its row committed before the node answers 0x0000. Access is checked
+on the calling AE title *and* the peer's address (pynetdicom checks only titles). Bad input gets a
+precise status and never disturbs other associations: garbage is quarantined with its reason, a full
+disk answers 0xA700 so the modality retries later.
+
+Several receiver processes can share the port (SO_REUSEPORT): one pynetdicom process is bound by the
+GIL, and modalities send concurrently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from cxr_node.config import Config
+from cxr_node.durable import free_mb, private_dir, write_atomic
+from cxr_node.imaging import view_of
+from cxr_node.logs import study_key
+from cxr_node.store import InstanceRecord, Store
+
+log = structlog.get_logger("cxr_node.receive")
+
+STORAGE_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+]
+
+# C-STORE statuses (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+PIXEL_DATA = 0x7FE00010
+ITEM, SEQ_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+
+class Rejected(Exception):
+    """A dataset the node will not store; carries the C-STORE failure status to answer."""
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The few attributes the node needs from an incoming dataset, checked for completeness."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    body_part: str
+    view_position: str
+    view: str
+    instance_number: int | None
+
+    @classmethod
+    def parse(cls, meta: bytes, stream: bytes, sop_class: str, sop_instance: str) -> Header:
+        """Read the header of the dataset as sent, and check that its Pixel Data is complete."""
+        try:
+            fp = io.BytesIO(meta + stream)
+            ds = dcmread(fp, stop_before_pixels=True)
+            ts = ds.file_meta.TransferSyntaxUID
+            missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "")).strip()]
+            if missing:
+                raise Rejected(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
+            if ds.SOPInstanceUID != sop_instance or ds.SOPClassUID != sop_class:
+                raise Rejected(
+                    DATASET_MISMATCH, "SOP Class/Instance UID differ from the C-STORE request"
+                )
+            if ts == DeflatedExplicitVRLittleEndian:
+                problem = _inflated_pixel_data_problem(meta + stream)
+            else:
+                problem = _pixel_data_problem(stream, fp.tell() - len(meta), ds, ts)
+            if problem:
+                raise Rejected(CANNOT_UNDERSTAND, problem)
+            number = ds.get("InstanceNumber")
+            return cls(
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                modality=str(ds.get("Modality", "") or "").upper(),
+                body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper(),
+                view_position=str(ds.get("ViewPosition", "") or "").strip().upper(),
+                view=str(view_of(ds).value),
+                instance_number=int(number) if number not in (None, "") else None,
+            )
+        except Rejected:
+            raise
+        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, struct.error,
+                OSError, AttributeError, NotImplementedError, zlib.error) as exc:
+            raise Rejected(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
+
+
+def _inflated_pixel_data_problem(part10: bytes) -> str | None:
+    """The deflated syntax hides the element layout: inflate the whole dataset and compare."""
+    ds = dcmread(io.BytesIO(part10))
+    if "PixelData" not in ds:
+        return "no Pixel Data" if "Rows" in ds else None
+    needed = _native_length(ds)
+    if needed and len(ds.PixelData) < needed:
+        return f"Pixel Data has {len(ds.PixelData)} bytes, the image needs {needed}"
+    return None
+
+
+def _pixel_data_problem(stream: bytes, at: int, ds: Dataset, ts: UID) -> str | None:
+    """Why the Pixel Data is incomplete, or None. pydicom parses a cut file without complaint."""
+    if at >= len(stream):
+        return "no Pixel Data" if "Rows" in ds else None
+    tag_group, tag_elem = struct.unpack_from("<HH", stream, at)
+    if (tag_group << 16 | tag_elem) != PIXEL_DATA:
+        return None  # stopped at a pixel-like tag other than Pixel Data (float/double data)
+    if ts.is_implicit_VR:
+        (length,), header = struct.unpack_from("<I", stream, at + 4), 8
+    else:
+        (length,), header = struct.unpack_from("<I", stream, at + 8), 12
+    start = at + header
+    if length != 0xFFFFFFFF:
+        needed = _native_length(ds)
+        if start + length > len(stream):
+            return f"Pixel Data truncated: {len(stream) - start} of {length} bytes"
+        if needed and length < needed:
+            return f"Pixel Data has {length} bytes, the image needs {needed}"
+        return None
+    pos = start
+    while pos + 8 <= len(stream):
+        group, elem, item_len = struct.unpack_from("<HHI", stream, pos)
+        tag = group << 16 | elem
+        if tag == SEQ_DELIMITER:
+            return None
+        if tag != ITEM:
+            return f"encapsulated Pixel Data has an unexpected tag at byte {pos}"
+        pos += 8 + item_len
+    return "encapsulated Pixel Data truncated (no sequence delimiter)"
+
+
+def _native_length(ds: Dataset) -> int:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        return ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * frames * bits // 8
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+class Spool:
+    """Where received files live: one folder per study, plus a quarantine for what was refused."""
+
+    def __init__(self, root: Path, quarantine: Path, fsync: bool = True):
+        self.root = private_dir(root)
+        self.quarantine_dir = private_dir(quarantine)
+        self.fsync = fsync
+
+    def remove_partial_files(self) -> int:
+        """Temp files of transfers cut by a crash; their instances were never acknowledged."""
+        partial = list(self.root.rglob(".tmp-*"))
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
+
+    def path_for(self, header: Header, sha256: str) -> Path:
+        return self.root / study_key(header.study_uid) / f"{header.sop_instance_uid}.{sha256[:12]}.dcm"
+
+    def write(self, path: Path, meta: bytes, stream: bytes) -> None:
+        write_atomic(path, [meta, stream], fsync=self.fsync)
+
+    def quarantine(self, meta: bytes, stream: bytes, reason: str, context: dict[str, Any]) -> Path:
+        """Keep refused bytes with the reason, for IT to inspect; never silently dropped."""
+        digest = hashlib.sha256(stream).hexdigest()
+        path = self.quarantine_dir / f"{time.strftime('%Y%m%d')}-{digest[:16]}.dcm"
+        write_atomic(path, [meta, stream], fsync=self.fsync)
+        note = {"reason": reason, "received_at": time.time(), **context}
+        write_atomic(path.with_suffix(".json"), json.dumps(note, indent=1).encode(), self.fsync)
+        return path
+
+
+class StorageSCP:
+    """The C-STORE/C-ECHO service: small event handlers that each do one thing."""
+
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self.spool = Spool(config.spool_dir, config.quarantine_dir, fsync=config.node.fsync)
+        self.min_free_mb = config.node.min_free_disk_mb
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_C_STORE, self.on_c_store),
+            (evt.EVT_C_ECHO, self.on_c_echo),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+        ]
+
+    # --- association ---------------------------------------------------------------------------
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject a calling AE title / address pair no accept rule allows (PS3.8 A-ASSOCIATE-RJ)."""
+        rq = event.assoc.requestor
+        calling, called = _title(rq.primitive.calling_ae_title), _title(rq.primitive.called_ae_title)
+        address = rq.address
+        if called != self.config.node.ae_title:
+            reason, diagnostic = f"called AE title {called!r} is not {self.config.node.ae_title!r}", 7
+        elif not any(rule.allows(calling, address) for rule in self.config.accept):
+            reason, diagnostic = f"no accept rule allows AE {calling!r} from {address}", 3
+        else:
+            return
+        log.warning("association.rejected", calling_ae=calling, peer=address, reason=reason)
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        """End the acceptor thread of a connection that closed before negotiating.
+
+        Port scanners and health checks open and close the port; pynetdicom would otherwise keep
+        their association slot until the ACSE timeout and lock real modalities out.
+        """
+        assoc = event.assoc
+        if not assoc.is_established and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(None)
+
+    def on_established(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        log.info("association.accepted", calling_ae=rq.ae_title, peer=rq.address)
+
+    def on_ended(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        log.info("association.ended", calling_ae=rq.ae_title, peer=rq.address,
+                 how=event.event.name.removeprefix("EVT_").lower())
+
+    # --- services ------------------------------------------------------------------------------
+
+    def on_c_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_c_store(self, event: evt.Event) -> int | Dataset:
+        """Store durably, index, and only then say success."""
+        rq = event.assoc.requestor
+        context = {"calling_ae": rq.ae_title, "peer": rq.address}
+        if free_mb(self.spool.root) < self.min_free_mb:
+            log.error("instance.refused", reason="free disk below node.min_free_disk_mb", **context)
+            return _status(OUT_OF_RESOURCES, "Node disk full; retry later")
+        meta_ds = event.file_meta
+        meta_ds.SourceApplicationEntityTitle = rq.ae_title
+        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(meta_ds)
+        stream = event.encoded_dataset(include_meta=False)
+        try:
+            header = Header.parse(
+                meta, stream, event.request.AffectedSOPClassUID,
+                event.request.AffectedSOPInstanceUID,
+            )
+        except Rejected as exc:
+            where = self.spool.quarantine(meta, stream, exc.reason, context)
+            log.warning("instance.quarantined", reason=exc.reason, file=where.name,
+                        status=f"0x{exc.status:04X}", **context)
+            return _status(exc.status, exc.reason)
+        try:
+            return self._keep(header, meta, stream, meta_ds.TransferSyntaxUID, context)
+        except OSError as exc:
+            log.error("instance.refused", reason=f"cannot store: {exc.strerror}", **context)
+            return _status(OUT_OF_RESOURCES, "Node cannot store now; retry later")
+
+    def _keep(self, header: Header, meta: bytes, stream: bytes, ts: str,
+              context: dict[str, str]) -> int:
+        sha256 = hashlib.sha256(stream).hexdigest()
+        key = study_key(header.study_uid)
+        if self.store.has_instance(header.sop_instance_uid, sha256):
+            log.info("instance.duplicate", study=key, **context)
+            return SUCCESS
+        path = self.spool.path_for(header, sha256)
+        self.spool.write(path, meta, stream)
+        outcome = self.store.record_instance(
+            InstanceRecord(
+                sop_instance_uid=header.sop_instance_uid, sha256=sha256,
+                study_uid=header.study_uid, series_uid=header.series_uid,
+                sop_class_uid=header.sop_class_uid, transfer_syntax=str(ts),
+                modality=header.modality, body_part=header.body_part,
+                view_position=header.view_position, view=header.view,
+                instance_number=header.instance_number, path=str(path), size=len(stream),
+                calling_ae=context["calling_ae"], peer=context["peer"],
+            )
+        )
+        level = log.warning if outcome == "conflict" else log.info
+        level(f"instance.{outcome}", study=key, modality=header.modality, view=header.view,
+              bytes=len(stream), **context)
+        return SUCCESS
+
+
+def _status(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _title(value: str | bytes) -> str:
+    return (value.decode("ascii", "replace") if isinstance(value, bytes) else value).strip()
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server that lets several receiver processes listen on one port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def make_ae(config: Config, associations: int) -> AE:
+    """The application entity with our presentation contexts and time-outs."""
+    ae = AE(ae_title=config.node.ae_title)
+    ae.maximum_associations = associations
+    ae.maximum_pdu_size = config.node.max_pdu_bytes
+    ae.acse_timeout = config.node.acse_timeout_seconds
+    ae.network_timeout = config.node.network_timeout_seconds
+    ae.dimse_timeout = config.node.network_timeout_seconds
+    for sop_class in STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    return ae
+
+
+class Receiver:
+    """One receiver process: an AE listening on the node's port until told to stop."""
+
+    def __init__(self, config: Config, store: Store, associations: int,
+                 ssl_context: Any = None):
+        _config.LOG_HANDLER_LEVEL = "none"
+        self.config = config
+        self.scp = StorageSCP(config, store)
+        self.ae = make_ae(config, associations)
+        self.server = self.ae.make_server(
+            (config.node.host, config.node.port),
+            evt_handlers=self.scp.handlers(),
+            ssl_context=ssl_context,
+            server_class=SharedPortServer,
+        )
+        self.ae._servers.append(self.server)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+            name="receiver", daemon=True,
+        )
+        self._thread.start()
+        log.info("receiver.listening", host=self.config.node.host, port=self.port,
+                 ae_title=self.config.node.ae_title)
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, let associations in flight finish (each store is already durable)."""
+        self.server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.server.active_associations:
+            assoc.abort()
+        log.info("receiver.stopped", port=self.port)

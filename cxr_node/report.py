@@ -1,0 +1,664 @@
+"""The preliminary AI draft as a DICOM Structured Report, filed in the images' own study.
+
+The worker hands back text and the model's identity; this module turns them, plus the stored source
+images, into a Comprehensive SR (SOP class 1.2.840.10008.5.1.4.1.1.88.33) in the shape of TID 2000
+"Basic Diagnostic Imaging Report", marked PARTIAL / UNVERIFIED / PRELIMINARY so that no system can
+take it for a signed report.
+
+Document tree (kept within Basic Text SR value types, so Basic Text stays an option)::
+
+    CONTAINER (18748-4, LN, "Diagnostic Imaging Report")        template 2000
+      HAS CONCEPT MOD  CODE  Language of Content (TID 1204)    English
+      HAS OBS CONTEXT  CODE  Observer Type = Device (TID 1002), then TID 1004: UIDREF Device
+                       Observer UID; TEXT name, manufacturer, model name, serial number
+      CONTAINS CONTAINER (121106, DCM, "Comment")               the disclaimer, shown first
+        TEXT Comment  "AI-generated preliminary draft — not reviewed by a radiologist"
+        TEXT Comment  "DEMO MODEL — not a clinical report"      (demo models only)
+        TEXT Comment  supersedes / omitted source values        (when they apply)
+      CONTAINS CONTAINER (59776-5, LN, "Findings")
+        TEXT (121071, DCM, "Finding")
+      CONTAINS CONTAINER (19005-8, LN, "Impressions")            left out when the impression is ""
+        TEXT (121073, DCM, "Impression")
+
+Headings are the LOINC codes that CID 7001 now prefers; readers should also accept the older DCM
+121070 / 121072. The disclaimer sits in a heading of its own because TID 2000 allows only headings
+at the root; DCM "Comment" comes from outside the baseline CIDs 7001/7002, which baseline groups
+permit. TID 2000 is non-extensible, so the algorithm's identity is not a TID 4019 inside the tree:
+it is the device observer (serial number = weights fingerprint), General Equipment
+(ManufacturerModelName = model name, SoftwareVersions = model version, adapter if any, cxr-node
+version, DeviceSerialNumber = fingerprint), an AuthorObserverSequence item (DEV, DeviceUID; the
+Identified Person or Device macro has no serial number) and a ContributingEquipmentSequence item.
+DICOM has no "Processing Algorithm" purpose code, so that item uses (109102, DCM, "Processing
+Equipment") and says "Processing algorithm: ..." in its ContributionDescription.
+
+UIDs are derived, never random, so a re-send of the same draft is the same instance:
+SOP Instance UID from (study, sorted source SOP Instance UIDs, each source file's sha256, model
+fingerprint, revision); Series Instance UID from (study, series number, UID root), shared by all
+drafts of a study; Device Observer UID from the model fingerprint. InstanceNumber is the revision.
+Rebuilding gives the same UIDs but new creation and content times: re-send the written file.
+
+Source values (rule for identifying values that are not valid DICOM, e.g. ``966_fixed.dcm``):
+
+* Values that tie the report to the patient and the order are copied verbatim or not at all:
+  StudyInstanceUID, PatientID, IssuerOfPatientID, PatientName and AccessionNumber. If one of them
+  is not a valid value for its VR, the draft fails with a ReportError naming the file, the
+  attribute and the reason (never the value); an admin fixes the source or the study stays
+  undrafted. Study Instance UID, Patient ID and Issuer must also agree across all images.
+  (``966_fixed.dcm`` fails here: its AccessionNumber has 56 characters, SH allows 16.)
+* Optional descriptive values (PatientBirthDate, PatientSex, StudyDate, StudyTime, StudyID,
+  ReferringPhysicianName, StudyDescription) that are not valid are left empty (Type 2) or out
+  (Type 3), never rewritten. Each omission is logged (attribute and reason, no value) and listed
+  in the report's Comment section, so the reader knows the SR differs from the image on purpose.
+
+Model text is normalised once, in DraftReport: outer whitespace is stripped (DICOM drops trailing
+spaces on reading anyway) and each TAB becomes a space (text VRs allow only CR, LF and FF as
+control characters); any other control character is refused. What remains round-trips byte for
+byte through ISO_IR 192 (UTF-8), which every SR declares whatever the source's character set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import structlog
+from highdicom.sr import (
+    CodedConcept,
+    ComprehensiveSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    LanguageOfContentItemAndDescendants,
+    ObserverContext,
+    TextContentItem,
+)
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+from pydicom.valuerep import MAX_VALUE_LEN, VALIDATORS
+
+from cxr_node import __version__
+from cxr_node.config import ReportConfig
+from cxr_node.durable import write_atomic
+
+log = structlog.get_logger(__name__)
+
+CHARACTER_SET = "ISO_IR 192"
+DOCUMENT_TITLE = codes.LN.DiagnosticImagingReport  # (18748-4, LN, "Diagnostic Imaging Report")
+FINDINGS = codes.LN.Findings  # (59776-5, LN, "Findings")
+IMPRESSIONS = codes.LN.Impressions  # (19005-8, LN, "Impressions")
+COMMENT = codes.DCM.Comment  # (121106, DCM, "Comment")
+ENGLISH = CodedConcept("en", "RFC5646", "English")
+
+DISCLAIMER = "AI-generated preliminary draft — not reviewed by a radiologist"
+DEMO_DISCLAIMER = "DEMO MODEL — not a clinical report"
+SERIES_LABEL = "AI DRAFT — NOT VERIFIED"
+DEMO_LABEL = "DEMO MODEL"
+COMPLETION_DESCRIPTION = "Machine-generated draft; requires radiologist review"
+DEMO_COMPLETION_DESCRIPTION = "DEMO MODEL, not a clinical report; machine-generated draft"
+
+# Copied verbatim or the draft fails: these route the report to the patient and the order.
+IDENTIFYING = ("PatientID", "IssuerOfPatientID", "PatientName", "AccessionNumber")
+# Must be equal on every source image: a draft describes one patient's one study.
+MUST_AGREE = ("StudyInstanceUID", "PatientID", "IssuerOfPatientID")
+# Copied when valid, left empty (Type 2) or out (Type 3) when not.
+OPTIONAL = (
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+TYPE_2 = {"PatientID", "PatientName", "AccessionNumber", "PatientBirthDate", "PatientSex",
+          "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName"}  # fmt: skip
+PATIENT_SEXES = {"M", "F", "O", ""}
+STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+              "UI", "UR", "UT"}  # fmt: skip
+TEXT_VRS = {"LT", "ST", "UT"}  # may hold CR, LF, FF and backslashes
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Text VRs allow CR, LF and FF; TAB is rewritten to a space; every other control is refused.
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+class ReportError(Exception):
+    """The draft cannot become an SR; the message says why, without patient identifiers."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model wrote the draft; every field lands in LO attributes, so each is a valid LO."""
+
+    name: str
+    version: str
+    architecture: str
+    quantization: str
+    adapter: str | None
+    fingerprint: str
+    demo: bool
+
+    def __post_init__(self) -> None:
+        for field in ("name", "version", "architecture", "quantization", "adapter"):
+            value = getattr(self, field)
+            if value is None and field == "adapter":
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise ReportError(f"model.{field}: expected a non-empty string")
+            reason = invalid_reason("LO", value)
+            if reason is None and len(value.encode()) > MAX_VALUE_LEN["LO"]:
+                reason = f"{len(value.encode())} bytes in UTF-8, LO allows 64"
+            if reason:
+                raise ReportError(f"model.{field}: not usable as a DICOM LO value ({reason})")
+        if not isinstance(self.fingerprint, str) or not SHA256_HEX.fullmatch(self.fingerprint):
+            raise ReportError("model.fingerprint: expected a sha256 digest (64 lowercase hex)")
+        if not isinstance(self.demo, bool):
+            raise ReportError("model.demo: expected true or false")
+
+    @property
+    def description(self) -> str:
+        """One line for people: name, version, architecture, quantization, adapter."""
+        adapter = f", adapter {self.adapter}" if self.adapter else ""
+        demo = f" [{DEMO_LABEL}]" if self.demo else ""
+        build = f"{self.architecture}, {self.quantization}{adapter}"
+        return f"{self.name} {self.version} ({build}){demo}"
+
+
+@dataclass(frozen=True)
+class DraftReport:
+    """The model's Findings and Impression, normalised to text that survives DICOM unchanged."""
+
+    findings: str
+    impression: str
+    model: ModelIdentity
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "findings", _clean_text("findings", self.findings))
+        object.__setattr__(self, "impression", _clean_text("impression", self.impression))
+        if not self.findings:
+            raise ReportError("findings: empty; a draft needs findings text")
+        if not isinstance(self.model, ModelIdentity):
+            raise ReportError("model: expected a ModelIdentity")
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> DraftReport:
+        """Validate a worker's result dict; raise ReportError naming the first bad field."""
+        if not isinstance(result, Mapping):
+            raise ReportError(f"result: expected a mapping, got {type(result).__name__}")
+        _field(result, "result", "request_id", str, nonempty=True)
+        if _field(result, "result", "ok", bool) is not True:
+            raise ReportError("result.ok: the worker reported a failure; there is no draft")
+        findings = _field(result, "result", "findings", str)
+        impression = _field(result, "result", "impression", str)
+        _field(result, "result", "text", str)
+        notes = _field(result, "result", "notes", list)
+        for i, note in enumerate(notes):
+            if not isinstance(note, str):
+                kind = type(note).__name__
+                raise ReportError(f"result.notes[{i}]: expected a string, got {kind}")
+        model = _field(result, "result", "model", Mapping)
+        timings = _field(result, "result", "timings", Mapping)
+        for key, kind in (("generate_seconds", float), ("batch_size", int), ("new_tokens", int)):
+            value = _field(timings, "result.timings", key, kind)
+            if value < (1 if key == "batch_size" else 0):
+                raise ReportError(f"result.timings.{key}: out of range ({value})")
+        _field(timings, "result.timings", "worker", str)
+        _field(timings, "result.timings", "device", str)
+        identity = ModelIdentity(
+            name=_field(model, "result.model", "name", str),
+            version=_field(model, "result.model", "version", str),
+            architecture=_field(model, "result.model", "architecture", str),
+            quantization=_field(model, "result.model", "quantization", str),
+            adapter=_field(model, "result.model", "adapter", str, optional=True),
+            fingerprint=_field(model, "result.model", "fingerprint", str),
+            demo=_field(model, "result.model", "demo", bool),
+        )
+        return cls(findings=findings, impression=impression, model=identity)
+
+
+def build_draft_sr(
+    images: Sequence[Path],
+    draft: DraftReport,
+    settings: ReportConfig,
+    *,
+    supersedes: Path | None = None,
+    revision: int = 1,
+) -> Dataset:
+    """The draft as a Comprehensive SR in the images' study, ready for write_sr.
+
+    ``images`` are the stored Part-10 files of every image the model read; only their headers are
+    read. ``supersedes`` is the earlier draft SR this one replaces; ``revision`` numbers the drafts
+    of a study (InstanceNumber) and changes the SOP Instance UID.
+    """
+    if not isinstance(draft, DraftReport):
+        raise ReportError("draft: expected a DraftReport")
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+        raise ReportError(f"revision: expected a positive integer, got {revision!r}")
+    if not images:
+        raise ReportError("images: no source image; a draft must reference what the model read")
+    sources = sorted((_read_source(Path(p)) for p in images), key=lambda s: s.sop_instance_uid)
+    _check_distinct(sources)
+    patient_study, omitted = _patient_and_study(sources)
+    study_uid = sources[0].evidence.StudyInstanceUID
+    predecessor = _read_predecessor(supersedes, sources[0], revision) if supersedes else None
+    model = draft.model
+    prefix = settings.uid_root or PYDICOM_ROOT_UID
+    device_uid = _derived_uid(prefix, "device-observer", model.fingerprint)
+    sop_uid = _derived_uid(
+        prefix,
+        "draft-sr",
+        study_uid,
+        *[part for s in sources for part in (s.sop_instance_uid, s.digest)],
+        model.fingerprint,
+        str(revision),
+    )
+    series_uid = _derived_uid(
+        prefix, "draft-series", study_uid, str(settings.series_number), settings.uid_root or ""
+    )
+    notices = [f"Source value left out: {name} ({why})." for name, why in omitted]
+    if predecessor is not None:
+        notices.insert(0, _supersedes_text(predecessor))
+    try:
+        sr = ComprehensiveSR(
+            evidence=_evidence_for_highdicom(sources),
+            content=_document_tree(draft, settings, device_uid, notices),
+            series_instance_uid=series_uid,
+            series_number=settings.series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=revision,
+            manufacturer=settings.manufacturer,
+            is_complete=False,
+            is_final=False,
+            is_verified=False,
+            institution_name=settings.institution_name,
+            previous_versions=[predecessor] if predecessor is not None else None,
+            contributing_equipment=[_processing_equipment(model, settings)],
+            specific_character_set=CHARACTER_SET,
+            series_description=series_description(settings.series_description, model.demo),
+            manufacturer_model_name=model.name,
+            software_versions=_software_versions(model),
+            device_serial_number=model.fingerprint,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ReportError(f"the SR could not be built: {type(exc).__name__}: {exc}") from exc
+    sr.update(patient_study)
+    sr.CompletionFlagDescription = (
+        DEMO_COMPLETION_DESCRIPTION if model.demo else COMPLETION_DESCRIPTION
+    )
+    sr.AuthorObserverSequence = [_author_device(device_uid, model, settings)]
+    log.info(
+        "report.built",
+        sources=len(sources),
+        revision=revision,
+        supersedes=predecessor is not None,
+        omitted=[name for name, _ in omitted],
+        model=model.name,
+        demo=model.demo,
+    )
+    return sr
+
+
+def write_sr(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` to ``path`` whole or not at all (temp file, fsync, rename, fsync dir), 0600.
+
+    Every value is checked against its VR first and the file is encoded in memory, so an invalid
+    value raises ReportError before anything exists on disk.
+    """
+    check_values(ds)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    write_atomic(Path(path), buffer.getvalue())
+
+
+def series_description(configured: str, demo: bool) -> str:
+    """SeriesDescription that says AI DRAFT — NOT VERIFIED (and DEMO MODEL first) in one LO.
+
+    Only what the configured text does not already say is added. The labels are what a PACS
+    series list shows, so they always fit: the configured text is shortened if it has to be. The
+    limit is counted in UTF-8 bytes, as dciodvfy counts it (the standard counts characters).
+    """
+    said = configured.upper()
+    head = f"{DEMO_LABEL} — " if demo and DEMO_LABEL not in said else ""
+    says_ai_draft = re.search(r"\bAI\b", said) is not None and "DRAFT" in said
+    if says_ai_draft and "NOT VERIFIED" in said:
+        tail = ""
+    elif says_ai_draft:
+        tail = " — NOT VERIFIED"
+    else:
+        tail = f" — {SERIES_LABEL}"
+    room = MAX_VALUE_LEN["LO"] - len((head + tail).encode())
+    body = configured
+    if len(body.encode()) > room:
+        body = body.encode()[: room - len("…".encode())].decode(errors="ignore").rstrip() + "…"
+    return head + body + tail
+
+
+def invalid_reason(vr: str, value: Any) -> str | None:
+    """Why ``value`` is not valid for ``vr``, in words that never repeat the value; None if valid.
+
+    pydicom's validators check length and format; control characters, backslashes inside one
+    value and over-long person names are checked here as well, because they also break an SR.
+    """
+    values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    for item in values:
+        if item is None or item == "":
+            continue
+        if vr in STRING_VRS:
+            item = text = str(item)  # IS, DS, PN objects are checked in their encoded form
+            limit = MAX_VALUE_LEN.get(vr)
+            if limit is not None and len(text) > limit:
+                return f"{len(text)} characters, {vr} allows {limit}"
+            allowed = "\r\n\f" if vr in TEXT_VRS else ""
+            if any((c < " " or "\x7f" <= c <= "\x9f") and c not in allowed for c in text):
+                return "contains control characters"
+            if vr not in TEXT_VRS and "\\" in text:
+                return "contains a backslash, the DICOM value separator"
+            if vr == "PN" and _bad_person_name(text):
+                return "not a valid PN value (at most 3 groups of 5 components, 64 characters each)"
+        validator = VALIDATORS.get(vr)
+        if validator is not None and not validator(vr, item)[0]:
+            return f"not a valid {vr} value"
+    return None
+
+
+def _bad_person_name(text: str) -> bool:
+    groups = text.split("=")
+    return len(groups) > 3 or any(len(g) > 64 or g.count("^") > 4 for g in groups)
+
+
+def check_values(ds: Dataset) -> None:
+    """Raise ReportError naming the first attribute (at any depth) whose value breaks its VR."""
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            continue
+        reason = invalid_reason(element.VR, element.value)
+        if reason:
+            name = element.keyword or str(element.tag)
+            raise ReportError(f"the SR has an invalid {name}: {reason}")
+
+
+# --- source images -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One source image: its header (for values) and a header-only evidence copy (for highdicom)."""
+
+    name: str
+    header: Dataset
+    evidence: Dataset
+    sop_instance_uid: str
+    digest: str
+
+
+def _read_source(path: Path) -> _Source:
+    """Read one image header; its UIDs must be valid because the SR references them."""
+    try:
+        digest = _sha256(path)
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+        raise ReportError(f"source image {path.name}: cannot be read ({exc})") from exc
+    evidence = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        value = header.get(keyword)
+        reason = "missing" if not value else invalid_reason("UI", value)
+        if reason:
+            raise ReportError(f"source image {path.name}: {keyword} is {reason}")
+        setattr(evidence, keyword, str(value))
+    return _Source(path.name, header, evidence, evidence.SOPInstanceUID, digest)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _check_distinct(sources: Sequence[_Source]) -> None:
+    seen: dict[str, str] = {}
+    for source in sources:
+        if source.sop_instance_uid in seen:
+            raise ReportError(
+                f"source images {seen[source.sop_instance_uid]} and {source.name} are the same "
+                "instance (same SOP Instance UID); list each image once"
+            )
+        seen[source.sop_instance_uid] = source.name
+
+
+def _patient_and_study(sources: Sequence[_Source]) -> tuple[Dataset, list[tuple[str, str]]]:
+    """The patient and study values the SR carries, taken from the first image.
+
+    Returns them and the optional attributes left out, as (keyword, reason).
+    """
+    for keyword in MUST_AGREE:
+        found = {str(s.header.get(keyword, "") or "") for s in sources}
+        if len(found) > 1:
+            names = ", ".join(s.name for s in sources)
+            raise ReportError(
+                f"source images disagree on {keyword} ({len(found)} different values among "
+                f"{names}); one draft covers one study of one patient"
+            )
+    first = sources[0]
+    merged = Dataset()
+    for keyword in IDENTIFYING:
+        for source in sources:
+            reason = _source_problem(source.header, keyword)
+            if reason:
+                raise ReportError(
+                    f"source image {source.name}: {keyword} is not valid DICOM ({reason}); it "
+                    "identifies the patient or the order, so it is neither changed nor dropped: "
+                    "fix the source, or leave this study to the radiologist"
+                )
+        _copy(first.header, merged, keyword)
+    omitted: list[tuple[str, str]] = []
+    for keyword in OPTIONAL:
+        reason = _source_problem(first.header, keyword)
+        if reason is None:
+            _copy(first.header, merged, keyword)
+            continue
+        omitted.append((keyword, reason))
+        log.warning(
+            "report.source_value_omitted", attribute=keyword, reason=reason, source=first.name
+        )
+        if keyword in TYPE_2:
+            setattr(merged, keyword, "")
+    return merged, omitted
+
+
+def _source_problem(header: Dataset, keyword: str) -> str | None:
+    """Why the source's value of ``keyword`` cannot go into the SR as it is; None if it can."""
+    if keyword not in header:
+        return None
+    element = header[keyword]
+    if isinstance(element.value, MultiValue) and len(element.value) > 1:
+        return f"{len(element.value)} values where one is allowed"
+    if keyword == "PatientSex" and element.value not in PATIENT_SEXES:
+        return "not M, F or O"
+    return invalid_reason(element.VR, element.value)
+
+
+def _copy(source: Dataset, target: Dataset, keyword: str) -> None:
+    """Copy one attribute as it is; a missing Type 2 attribute becomes present and empty."""
+    if keyword in source and source[keyword].value not in (None, ""):
+        target[keyword] = source[keyword]
+    elif keyword in TYPE_2:
+        setattr(target, keyword, "")
+
+
+def _evidence_for_highdicom(sources: Sequence[_Source]) -> list[Dataset]:
+    """UID-only evidence; the first also has empty patient/study attributes, which highdicom reads.
+
+    The real values are set on the SR afterwards, so highdicom neither checks nor warns about them
+    (its warnings would repeat a patient's name).
+    """
+    first = Dataset()
+    first.update(sources[0].evidence)
+    for keyword in sorted(TYPE_2):
+        setattr(first, keyword, "")
+    return [first, *(s.evidence for s in sources[1:])]
+
+
+def _read_predecessor(path: Path, source: _Source, revision: int) -> Dataset:
+    """The earlier draft: an SR of the same study and patient, with a lower revision."""
+    try:
+        earlier = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+        raise ReportError(f"superseded draft {path.name}: cannot be read ({exc})") from exc
+    if getattr(earlier, "Modality", None) != "SR" or "ContentSequence" not in earlier:
+        raise ReportError(f"superseded draft {path.name}: not an SR document")
+    for keyword in ("StudyInstanceUID", "PatientID"):
+        if str(earlier.get(keyword, "")) != str(source.header.get(keyword, "")):
+            raise ReportError(
+                f"superseded draft {path.name}: different {keyword} from the source images"
+            )
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        if not earlier.get(keyword):
+            raise ReportError(f"superseded draft {path.name}: {keyword} is missing")
+    earlier_revision = int(earlier.get("InstanceNumber") or 0)
+    if revision <= earlier_revision:
+        raise ReportError(
+            f"revision {revision} does not follow the superseded draft's revision "
+            f"{earlier_revision}"
+        )
+    return earlier
+
+
+def _supersedes_text(earlier: Dataset) -> str:
+    revision = earlier.get("InstanceNumber")
+    which = f" (revision {revision})" if revision else ""
+    return (
+        f"This draft supersedes the earlier AI draft{which}, SOP Instance UID "
+        f"{earlier.SOPInstanceUID}; read this one instead."
+    )
+
+
+# --- document content ----------------------------------------------------------------------------
+
+
+def _document_tree(
+    draft: DraftReport, settings: ReportConfig, device_uid: str, notices: Iterable[str]
+) -> ContainerContentItem:
+    model = draft.model
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=model.name,
+            manufacturer_name=settings.manufacturer,
+            model_name=model.description,
+            serial_number=model.fingerprint,
+        ),
+    )
+    comments = [DEMO_DISCLAIMER, DISCLAIMER] if model.demo else [DISCLAIMER]
+    sections = [
+        _section(COMMENT, COMMENT, [*comments, *notices]),
+        _section(FINDINGS, codes.DCM.Finding, [draft.findings]),
+    ]
+    if draft.impression:
+        sections.append(_section(IMPRESSIONS, codes.DCM.Impression, [draft.impression]))
+    root = ContainerContentItem(name=DOCUMENT_TITLE, template_id="2000")
+    root.ContentSequence = ContentSequence(
+        [*LanguageOfContentItemAndDescendants(ENGLISH), *observer, *sections]
+    )
+    return root
+
+
+def _section(heading: Any, item_name: Any, texts: Iterable[str]) -> ContainerContentItem:
+    section = ContainerContentItem(name=heading, relationship_type="CONTAINS")
+    section.ContentSequence = ContentSequence(
+        [TextContentItem(name=item_name, value=t, relationship_type="CONTAINS") for t in texts]
+    )
+    return section
+
+
+def _software_versions(model: ModelIdentity) -> list[str]:
+    """Model version, adapter (if any), then the node's own version."""
+    adapter = [model.adapter] if model.adapter else []
+    return [model.version, *adapter, f"cxr-node {__version__}"]
+
+
+def _processing_equipment(model: ModelIdentity, settings: ReportConfig) -> hd.ContributingEquipment:
+    description = f"Processing algorithm: {model.description}; weights sha256 {model.fingerprint}"
+    return hd.ContributingEquipment(
+        manufacturer=settings.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.name,
+        software_versions=_software_versions(model),
+        device_serial_number=model.fingerprint,
+        institution_name=settings.institution_name,
+        contribution_description=description[: MAX_VALUE_LEN["ST"]],
+    )
+
+
+def _author_device(device_uid: str, model: ModelIdentity, settings: ReportConfig) -> Dataset:
+    """AuthorObserverSequence item (Identified Person or Device macro) for the model as author."""
+    item = Dataset()
+    item.ObserverType = "DEV"
+    item.DeviceUID = device_uid
+    item.Manufacturer = settings.manufacturer
+    item.ManufacturerModelName = model.name
+    item.StationName = ""
+    item.InstitutionName = settings.institution_name or ""
+    item.InstitutionCodeSequence = []
+    return item
+
+
+def _derived_uid(prefix: str, purpose: str, *parts: str) -> str:
+    """A UID that depends on exactly these inputs (JSON keeps the parts from running together)."""
+    return str(generate_uid(prefix=prefix, entropy_srcs=[json.dumps([purpose, *parts])]))
+
+
+# --- result validation ---------------------------------------------------------------------------
+
+
+def _field(
+    mapping: Mapping[str, Any],
+    where: str,
+    key: str,
+    kind: type,
+    *,
+    nonempty: bool = False,
+    optional: bool = False,
+) -> Any:
+    """mapping[key] checked against ``kind``; the message names the full path of the field."""
+    if key not in mapping:
+        raise ReportError(f"{where}.{key}: missing")
+    value = mapping[key]
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        expected = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
+                    list: "a list", Mapping: "a mapping"}[kind]  # fmt: skip
+        raise ReportError(f"{where}.{key}: expected {expected}, got {type(value).__name__}")
+    if nonempty and not value:
+        raise ReportError(f"{where}.{key}: empty")
+    return value
+
+
+def _clean_text(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ReportError(f"{where}: expected a string, got {type(value).__name__}")
+    text = value.replace("\t", " ").strip()
+    bad = CONTROL.search(text)
+    if bad:
+        raise ReportError(
+            f"{where}: control character U+{ord(bad.group()):04X} at position {bad.start()} "
+            "is not allowed in DICOM text"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ReportError(f"{where}: not encodable as UTF-8 at position {exc.start}") from exc
+    return text

@@ -1,0 +1,182 @@
+"""Run the real node as a subprocess and talk to it with the real dcmtk tools."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import yaml
+
+STORESCU = "/usr/bin/storescu"
+
+# storescu's option that proposes each transfer syntax (it proposes uncompressed ones by default).
+PROPOSE = {
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: Path, **sections: Any) -> Path:
+    """A node configuration under ``directory``; ``sections`` are merged over the test default."""
+    config: dict[str, Any] = {
+        "node": {"state_dir": str(directory / "state"), "port": free_port(),
+                 "min_free_disk_mb": 1, "receivers": 2, "acse_timeout_seconds": 5},
+        "accept": [{"ae_title": "*", "network": "127.0.0.1/32"}],
+        "study": {"settle_seconds": 1, "max_wait_seconds": 60},
+        "queue": {"local_worker": False},
+        "http": {"enabled": False},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **value}
+        else:
+            config[name] = value
+    path = directory / "cxr-node.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class NodeProcess:
+    """`cxr-node serve` in its own process group, with its JSON log captured to a file."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None):
+        self.config_path = config_path
+        self.config = yaml.safe_load(config_path.read_text())
+        self.port = self.config["node"]["port"]
+        self.state_dir = Path(self.config["node"]["state_dir"])
+        self.log_path = config_path.parent / f"node-{int(time.time() * 1000)}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cxr_node", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+        if not wait_for(lambda: "node.ready" in self.log() or self.proc.poll() is not None,
+                        timeout):
+            raise TimeoutError(f"node did not start:\n{self.log()}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        for line in self.log().splitlines():
+            if f'"{name}"' in line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return [e for e in out if e.get("event") == name]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self) -> None:
+        """SIGKILL the node and every process it started, as a power cut of the service would."""
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.kill()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def storescu_args(files: Iterable[Path]) -> list[tuple[str, list[Path]]]:
+    """Group files by the storescu option that proposes their transfer syntax."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        groups[PROPOSE.get(ts, "-x=")].append(f)
+    return list(groups.items())
+
+
+RESPONSE = re.compile(r"Received Store Response \(([^)]*)\)")
+SENDING = re.compile(r"Sending file: (.+)$")
+
+
+def storescu(port: int, files: Iterable[Path], aet: str = "MODALITY1", aec: str = "CXR_NODE",
+             host: str = "127.0.0.1", extra: Iterable[str] = ()) -> dict[str, str]:
+    """Send with dcmtk's storescu (a real modality client); answer {file: response text}.
+
+    storescu exits 0 even when the node refused a file, so the per-file response is parsed.
+    """
+    results: dict[str, str] = {}
+    for option, group in storescu_args(files):
+        out = run_storescu([option, *extra, "-aet", aet, "-aec", aec, host, str(port),
+                            *map(str, group)])
+        results.update(parse_storescu(out))
+        for f in group:
+            results.setdefault(str(f), "no response")
+    return results
+
+
+def run_storescu(args: list[str], timeout: float = 300) -> str:
+    done = subprocess.run([STORESCU, "-v", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    return done.stdout + done.stderr
+
+
+def parse_storescu(output: str) -> dict[str, str]:
+    results, current = {}, None
+    for line in output.splitlines():
+        if m := SENDING.search(line):
+            current = m.group(1).strip()
+        elif (m := RESPONSE.search(line)) and current:
+            results[current] = m.group(1)
+            current = None
+    return results

@@ -1,0 +1,309 @@
+"""Ingest end to end: dcmtk's storescu (a real modality) against the real node process."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicomgen import make_cxr, write_study
+from nodeproc import NodeProcess, free_port, run_storescu, parse_storescu, storescu, wait_for, write_config
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+pytestmark = pytest.mark.slow
+
+SUCCESS = "Success"
+
+
+def db_rows(node: NodeProcess, sql: str, *args: object) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(node.state_dir / "cxr-node.sqlite3")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset as encoded after the File Meta group (the whole file if it has none)."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        return data
+    (group_length,) = struct.unpack_from("<I", data, 132 + 8)
+    return data[132 + 12 + group_length:]
+
+
+def same_dataset(stored: Path, source: Path) -> bool:
+    """Every element equal, Pixel Data bytes identical (dcmtk pads odd lengths with one byte).
+
+    storescu re-encodes sequences (explicit instead of undefined lengths) when it sends, so the
+    bytes on the wire differ from the source file; what the node must keep is exactly what came.
+    """
+    a = pydicom.dcmread(stored)
+    b = pydicom.dcmread(source, force=True)
+    pa, pb = a.get("PixelData"), b.get("PixelData")
+    if pa != pb and not (pb and len(pa) == len(pb) + 1 and pa.startswith(pb) and pa[-1] == 0):
+        return False
+    for ds in (a, b):
+        ds.pop("PixelData", None)
+    return a == b
+
+
+@pytest.fixture()
+def node(tmp_path: Path):
+    with NodeProcess(write_config(tmp_path)) as proc:
+        yield proc
+
+
+def test_real_chest_xrays_are_stored_byte_identical_and_indexed(node: NodeProcess, cxr_dir: Path):
+    files = sorted(cxr_dir.glob("*.dcm"))
+    results = storescu(node.port, files)
+    assert results == {str(f): SUCCESS for f in files}, results
+    for f in files:
+        source = pydicom.dcmread(f, force=True, stop_before_pixels=True)
+        rows = db_rows(node, "SELECT * FROM instances WHERE sop_instance_uid = ? AND sha256 = ?",
+                       source.SOPInstanceUID, hashlib.sha256(dataset_bytes(f)).hexdigest())
+        if not rows:  # dcmtk padded odd-length Pixel Data: same instance, one more byte
+            rows = db_rows(node, "SELECT * FROM instances WHERE sop_instance_uid = ?",
+                           source.SOPInstanceUID)
+        assert rows, f"{f.name} not indexed"
+        stored = Path(rows[-1]["path"])
+        assert stored.stat().st_mode & 0o777 == 0o600
+        assert any(same_dataset(Path(r["path"]), f) for r in rows), f.name
+        assert rows[-1]["study_uid"] == source.StudyInstanceUID
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.SourceApplicationEntityTitle == "MODALITY1"
+    # 966_fixed and 966_broken share one SOP Instance UID with different content: both kept, flagged
+    same_uid = db_rows(node, "SELECT conflict FROM instances WHERE sop_instance_uid = ? ORDER BY id",
+                       pydicom.dcmread(cxr_dir / "966_fixed.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert [r["conflict"] for r in same_uid] == [0, 1]
+    assert node.events("instance.conflict")
+    # a second send of the same files stores nothing new
+    before = len(db_rows(node, "SELECT id FROM instances"))
+    assert set(storescu(node.port, files[:3]).values()) == {SUCCESS}
+    assert len(db_rows(node, "SELECT id FROM instances")) == before
+    assert len(node.events("instance.duplicate")) == 3
+    # routing: chest studies stable, the hip, the tibia and the dog thorax skipped with reasons
+    states = {r["state"] for r in db_rows(node, "SELECT state FROM studies")}
+    wait_for(lambda: not db_rows(node, "SELECT 1 FROM studies WHERE state = 'receiving'"), 10)
+    skipped = {r["reason"] for r in db_rows(node, "SELECT reason FROM studies WHERE state = 'skipped'")}
+    assert any("HIP" in r for r in skipped) and any("EXTREMITY" in r for r in skipped), (states, skipped)
+    assert "PatientName" not in node.log() and "Anonymized" not in node.log()
+
+
+def test_stored_bytes_are_exactly_the_bytes_sent(node: NodeProcess, cxr_dir: Path):
+    """A sender that streams its file unchanged: the spool holds those very bytes."""
+    files = [f for f in sorted(cxr_dir.glob("*.dcm")) if f.read_bytes()[128:132] == b"DICM"]
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        for f in files:
+            meta = pydicom.dcmread(f, stop_before_pixels=True).file_meta
+            ae = AE(ae_title="MODALITY1")
+            ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="CXR_NODE")
+            assert assoc.send_c_store(f).Status == 0, f.name
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    for f in files:
+        sha = hashlib.sha256(dataset_bytes(f)).hexdigest()
+        rows = db_rows(node, "SELECT path FROM instances WHERE sha256 = ?", sha)
+        assert len(rows) == 1, f.name
+        assert dataset_bytes(Path(rows[0]["path"])) == dataset_bytes(f)
+
+
+def test_four_modalities_at_once_store_every_instance_exactly_once(tmp_path: Path):
+    source = tmp_path / "send"
+    source.mkdir()
+    studies = [write_study(source, ["PA", "LL", "PA", "AP", "LL"], seed=i, rows=32, columns=32)
+               for i in range(40)]
+    files = [f for study in studies for f in study]
+    assert len(files) == 200
+    chunks = [files[i::4] for i in range(4)]
+    # every sender also re-sends part of its neighbour's files: duplicates arrive concurrently
+    sends = [chunks[i] + chunks[(i + 1) % 4][:10] for i in range(4)]
+    with NodeProcess(write_config(tmp_path, node={"max_associations": 8})) as node:
+        outputs: list[str] = []
+        threads = [threading.Thread(target=lambda s=s: outputs.append(
+            run_storescu(["-aet", "MODALITY1", "-aec", "CXR_NODE", "127.0.0.1", str(node.port),
+                          *map(str, s)]))) for s in sends]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        responses = {}
+        for out in outputs:
+            responses.update(parse_storescu(out))
+        assert set(responses) == {str(f) for f in files}
+        assert set(responses.values()) == {SUCCESS}
+        rows = db_rows(node, "SELECT sop_instance_uid FROM instances")
+        assert len(rows) == 200 and len({r[0] for r in rows}) == 200
+        assert len(list((node.state_dir / "spool").rglob("*.dcm"))) == 200
+        assert wait_for(lambda: len(db_rows(
+            node, "SELECT 1 FROM studies WHERE state = 'stable'")) == 40, 20)
+
+
+def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path):
+    source = tmp_path / "send"
+    source.mkdir()
+    files = [f for i in range(12) for f in write_study(
+        source, ["PA", "LL"], seed=i, rows=1024, columns=1024)]
+    config = write_config(tmp_path, study={"settle_seconds": 1})
+    node = NodeProcess(config).start()
+    sender = subprocess.Popen(
+        ["/usr/bin/storescu", "-v", "-aet", "MODALITY1", "-aec", "CXR_NODE", "127.0.0.1",
+         str(node.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    assert wait_for(lambda: len(node.events("instance.stored")) >= 4, 60)
+    node.kill()
+    out, _ = sender.communicate(timeout=60)
+    acknowledged = [f for f, status in parse_storescu(out).items() if status == SUCCESS]
+    assert 3 <= len(acknowledged) < len(files), out[-2000:]
+
+    with NodeProcess(config) as node:
+        for f in acknowledged:
+            uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+            rows = db_rows(node, "SELECT path, sha256 FROM instances WHERE sop_instance_uid = ?", uid)
+            assert len(rows) == 1, f
+            assert hashlib.sha256(dataset_bytes(Path(rows[0]["path"]))).hexdigest() == rows[0]["sha256"]
+        assert not list((node.state_dir / "spool").rglob(".tmp-*")), "partial files left behind"
+        # the modality retries the rest; every study completes normally
+        assert set(storescu(node.port, files).values()) == {SUCCESS}
+        assert len(db_rows(node, "SELECT 1 FROM instances")) == len(files)
+        assert wait_for(lambda: len(db_rows(
+            node, "SELECT 1 FROM studies WHERE state = 'stable'")) == 12, 20)
+
+
+def test_restart_rebuilds_pending_study_timers(tmp_path: Path, cxr_dir: Path):
+    config = write_config(tmp_path, study={"settle_seconds": 3})
+    with NodeProcess(config) as node:
+        assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {SUCCESS}
+    state = db_rows(node, "SELECT state FROM studies")
+    assert [r["state"] for r in state] == ["receiving"]
+    with NodeProcess(config) as node:
+        assert wait_for(lambda: db_rows(node, "SELECT state FROM studies")[0]["state"] == "stable", 10)
+
+
+def test_unknown_ae_or_address_is_rejected_with_a_logged_reason(tmp_path: Path, cxr_dir: Path):
+    config = write_config(tmp_path, accept=[{"ae_title": "MODALITY1", "network": "127.0.0.1/32"},
+                                            {"ae_title": "REMOTE", "network": "10.1.2.0/24"}])
+    with NodeProcess(config) as node:
+        f = cxr_dir / "CR-MONO1-10-chest.dcm"
+        for aet, aec in (("INTRUDER", "CXR_NODE"), ("REMOTE", "CXR_NODE"), ("MODALITY1", "WRONG")):
+            out = run_storescu(["-aet", aet, "-aec", aec, "127.0.0.1", str(node.port), str(f)])
+            assert "Association Rejected" in out, out
+        reasons = [e["reason"] for e in node.events("association.rejected")]
+        assert any("'INTRUDER'" in r for r in reasons)
+        assert any("'REMOTE' from 127.0.0.1" in r for r in reasons)
+        assert any("called AE title 'WRONG'" in r for r in reasons)
+        assert set(storescu(node.port, [f]).values()) == {SUCCESS}
+        assert len(db_rows(node, "SELECT 1 FROM instances")) == 1
+
+
+def test_bare_connects_and_garbage_do_not_lock_out_modalities(tmp_path: Path, cxr_dir: Path):
+    config = write_config(tmp_path, node={"max_associations": 2, "receivers": 1,
+                                          "acse_timeout_seconds": 30})
+    with NodeProcess(config) as node:
+        for i in range(10):  # port scanners and load-balancer health checks
+            with socket.create_connection(("127.0.0.1", node.port)):
+                pass
+        for junk in (b"GET / HTTP/1.0\r\n\r\n", b"\x01\x00" + b"\xff" * 300, b"\x00" * 10):
+            with socket.create_connection(("127.0.0.1", node.port)) as s:
+                s.sendall(junk)
+                s.settimeout(5)
+                try:
+                    s.recv(100)
+                except OSError:
+                    pass
+        silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(1)]
+        started = time.monotonic()
+        assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {SUCCESS}
+        assert time.monotonic() - started < 10  # not waiting out the 30 s ACSE timeout
+        for s in silent:
+            s.close()
+
+
+def _send(port: int, ds: pydicom.Dataset | Path) -> pydicom.Dataset:
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_NODE")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def test_corrupt_datasets_get_a_failure_status_and_land_in_quarantine(tmp_path: Path, cxr_dir: Path):
+    with NodeProcess(write_config(tmp_path)) as node:
+        short = make_cxr(generate_uid(), rows=256, columns=256)
+        short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+        status = _send(node.port, short)
+        assert status.Status == 0xC000, status
+        assert "Pixel Data has" in status.ErrorComment
+
+        no_study = make_cxr(generate_uid())
+        del no_study.StudyInstanceUID
+        assert _send(node.port, no_study).Status == 0xC000
+
+        # a JPEG 2000 file cut short in transfer: sent raw, as a broken modality would
+        cut = tmp_path / "cut.dcm"
+        data = (cxr_dir / "RG1_J2KI.dcm").read_bytes()
+        cut.write_bytes(data[: len(data) - 5000])
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            ae = AE(ae_title="MODALITY1")
+            ae.add_requested_context(ComputedRadiographyImageStorage,
+                                     "1.2.840.10008.1.2.4.91")
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="CXR_NODE")
+            status = assoc.send_c_store(cut)
+            assoc.release()
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        assert status.Status == 0xC000 and "truncated" in status.ErrorComment
+
+        quarantined = sorted((node.state_dir / "quarantine").glob("*.json"))
+        assert len(quarantined) == 3
+        assert all(q.with_suffix(".dcm").exists() for q in quarantined)
+        assert not db_rows(node, "SELECT 1 FROM instances")
+        # the node keeps serving
+        assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {SUCCESS}
+
+
+def test_full_disk_answers_out_of_resources(tmp_path: Path, cxr_dir: Path):
+    with NodeProcess(write_config(tmp_path, node={"min_free_disk_mb": 10**9})) as node:
+        result = storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"])
+        assert list(result.values()) == ["Refused: OutOfResources"], result
+        assert not db_rows(node, "SELECT 1 FROM instances")
+        assert node.events("instance.refused")
+
+
+def test_verification(node: NodeProcess):
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CXR_NODE")
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_port_in_use_is_a_clear_start_error(tmp_path: Path):
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "cxr_node", "serve", "--config",
+             str(write_config(tmp_path, node={"port": port}))],
+            capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot listen on 127.0.0.1" in done.stderr

@@ -1,0 +1,623 @@
+"""The AI draft as a DICOM SR, built from the real sample chest X-rays and checked two ways.
+
+Every SR written here passes dciodvfy, dsrdump and dcentvfy (tests/sr_validation.py), and each
+test also checks what those validators cannot see: evidence, template, flags, character set and
+the text itself, byte for byte, after write_sr and dcmread.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import pytest
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from sr_validation import assert_valid_sr
+
+from cxr_node.config import ReportConfig
+from cxr_node.report import (
+    DEMO_DISCLAIMER,
+    DISCLAIMER,
+    DraftReport,
+    ModelIdentity,
+    ReportError,
+    build_draft_sr,
+    write_sr,
+)
+from cxr_node.show import HIDDEN, render_sr
+
+FINGERPRINT = "3f" * 32
+MULTILINGUAL = (
+    "Heart size normal. 心臓の大きさは正常。 Η καρδιά είναι φυσιολογική. "
+    "حجم القلب طبيعي. 🫁✅\r\nNo effusion — «ok» ½ ‰ ∑."
+)
+SETTINGS = ReportConfig(institution_name="Example Hospital")
+
+
+def worker_result(**changes: Any) -> dict[str, Any]:
+    """A result dict as the worker returns it; ``model`` and ``timings`` changes are merged."""
+    result: dict[str, Any] = {
+        "request_id": "req-1",
+        "ok": True,
+        "findings": "The lungs are clear. No pleural effusion or pneumothorax.",
+        "impression": "No acute cardiopulmonary abnormality.",
+        "text": "FINDINGS: The lungs are clear. IMPRESSION: No acute abnormality.",
+        "notes": [],
+        "model": {
+            "name": "medgemma-4b-it",
+            "version": "1.0.1",
+            "architecture": "gemma3",
+            "quantization": "nf4",
+            "adapter": None,
+            "fingerprint": FINGERPRINT,
+            "demo": False,
+        },
+        "timings": {
+            "generate_seconds": 3.2,
+            "batch_size": 2,
+            "new_tokens": 87,
+            "worker": "gpu-0",
+            "device": "cuda:0",
+        },
+    }
+    for key in ("model", "timings"):
+        if isinstance(changes.get(key), dict):
+            result[key].update(changes.pop(key))
+    result.update(changes)
+    return result
+
+
+def draft(**changes: Any) -> DraftReport:
+    return DraftReport.from_result(worker_result(**changes))
+
+
+def header_copy(source: Path, target: Path, **values: Any) -> Path:
+    """A header-only Part-10 copy of ``source`` with some attributes changed (a new image)."""
+    ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+@pytest.fixture
+def rg1(cxr_dir: Path) -> Path:
+    return cxr_dir / "RG1_J2KI.dcm"
+
+
+@pytest.fixture
+def lateral(rg1: Path, tmp_path: Path) -> Path:
+    """A second view of RG1's study: same header, new SOP Instance UID, ViewPosition LL."""
+    uid = str(generate_uid(entropy_srcs=["lateral of RG1"]))
+    return header_copy(rg1, tmp_path / "lateral.dcm", SOPInstanceUID=uid, ViewPosition="LL")
+
+
+def written(ds: Dataset, path: Path) -> Dataset:
+    write_sr(ds, path)
+    return pydicom.dcmread(path)
+
+
+# --- what validators cannot see ----------------------------------------------------------------
+
+
+def content_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return (code.CodeValue, code.CodingSchemeDesignator)
+
+
+def texts(ds: Dataset, code: tuple[str, str]) -> list[str]:
+    return [i.TextValue for i in content_items(ds) if i.ValueType == "TEXT" and concept(i) == code]
+
+
+def sections(ds: Dataset) -> list[tuple[str, str]]:
+    return [concept(i) for i in ds.ContentSequence if i.ValueType == "CONTAINER"]
+
+
+def evidence_uids(ds: Dataset) -> set[str]:
+    return {
+        ref.ReferencedSOPInstanceUID
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+
+
+def check_draft(path: Path, sources: list[Path], report: DraftReport) -> Dataset:
+    """Everything a draft SR must be that dciodvfy and dsrdump do not check."""
+    raw = path.read_bytes()
+    sr = pydicom.dcmread(path)
+    headers = [pydicom.dcmread(s, stop_before_pixels=True, force=True) for s in sources]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    assert sr.file_meta.MediaStorageSOPInstanceUID == sr.SOPInstanceUID
+    assert sr.Modality == "SR"
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "PARTIAL",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    assert sr.CompletionFlagDescription
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    assert sr.ContentTemplateSequence[0].MappingResource == "DCMR"
+    assert concept(sr) == ("18748-4", "LN")
+    assert sr.StudyInstanceUID == headers[0].StudyInstanceUID
+    assert sr.PatientID == headers[0].get("PatientID", "")
+    assert evidence_uids(sr) == {h.SOPInstanceUID for h in headers}
+    assert "NOT VERIFIED" in sr.SeriesDescription
+    assert sr.SeriesNumber == SETTINGS.series_number
+    assert sr.Manufacturer == SETTINGS.manufacturer
+    # language, then a device observer whose UID is also the author's DeviceUID
+    language = sr.ContentSequence[0]
+    assert concept(language) == ("121049", "DCM")
+    assert language.ConceptCodeSequence[0].CodeValue == "en"
+    context = [i for i in sr.ContentSequence if i.RelationshipType == "HAS OBS CONTEXT"]
+    observer = {concept(i): i for i in context}
+    assert observer[("121005", "DCM")].ConceptCodeSequence[0].CodeValue == "121007"
+    device_uid = observer[("121012", "DCM")].UID
+    assert observer[("121013", "DCM")].TextValue == report.model.name
+    assert observer[("121016", "DCM")].TextValue == report.model.fingerprint
+    author = sr.AuthorObserverSequence[0]
+    assert (author.ObserverType, author.DeviceUID) == ("DEV", device_uid)
+    assert sr.ManufacturerModelName == report.model.name
+    assert sr.DeviceSerialNumber == report.model.fingerprint
+    assert report.model.version in sr.SoftwareVersions
+    processing = [
+        e
+        for e in sr.ContributingEquipmentSequence
+        if report.model.fingerprint in e.get("ContributionDescription", "")
+    ]
+    assert processing and processing[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    # the text: first the disclaimer, then the draft exactly as the model wrote it
+    assert sections(sr)[0] == ("121106", "DCM")
+    assert DISCLAIMER in texts(sr, ("121106", "DCM"))
+    assert (DEMO_DISCLAIMER in texts(sr, ("121106", "DCM"))) == report.model.demo
+    assert texts(sr, ("121071", "DCM")) == [report.findings]
+    assert report.findings.encode("utf-8") in raw
+    if report.impression:
+        assert sections(sr)[1:] == [("59776-5", "LN"), ("19005-8", "LN")]
+        assert texts(sr, ("121073", "DCM")) == [report.impression]
+        assert report.impression.encode("utf-8") in raw
+    else:
+        assert sections(sr)[1:] == [("59776-5", "LN")]
+    # highdicom reads it back as the same document
+    assert hd.sr.srread(path).SOPInstanceUID == sr.SOPInstanceUID
+    return sr
+
+
+# --- SRs from the real images ------------------------------------------------------------------
+
+
+def test_sr_from_a_file_without_meta_header(
+    cxr_dir: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    source = cxr_dir / "CR-MONO1-10-chest.dcm"
+    report = draft()
+    path = tmp_path / "draft.dcm"
+    write_sr(build_draft_sr([source], report, SETTINGS), path)
+    # highdicom warns about one-component names, quoting them: it must never see the patient's
+    assert not [w for w in recwarn if "Anonymized" in str(w.message)]
+    assert_valid_sr(path, source)
+    sr = check_draft(path, [source], report)
+    assert sr.PatientName == "Anonymized"
+    assert sr.InstitutionName == "Example Hospital"
+    assert sr.InstanceNumber == 1
+
+
+def test_sr_from_latin1_source_carries_any_script(rg1: Path, tmp_path: Path) -> None:
+    source = pydicom.dcmread(rg1, stop_before_pixels=True)
+    assert source.SpecificCharacterSet == "ISO_IR 100"
+    report = draft(findings=MULTILINGUAL, impression="正常 — Φυσιολογικό — طبيعي 👍")
+    path = tmp_path / "draft.dcm"
+    write_sr(build_draft_sr([rg1], report, SETTINGS), path)
+    assert_valid_sr(path, rg1)
+    sr = check_draft(path, [rg1], report)
+    assert report.findings == MULTILINGUAL
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):  # fmt: skip
+        assert sr.get(keyword) == source.get(keyword), keyword
+
+
+def test_sr_for_a_two_image_study(rg1: Path, lateral: Path, tmp_path: Path) -> None:
+    report = draft()
+    path = tmp_path / "draft.dcm"
+    write_sr(build_draft_sr([rg1, lateral], report, SETTINGS), path)
+    assert_valid_sr(path, rg1)
+    assert_valid_sr(path, lateral)
+    sr = check_draft(path, [rg1, lateral], report)
+    assert len(evidence_uids(sr)) == 2
+
+
+def test_demo_model_is_labelled_everywhere_a_reader_looks(rg1: Path, tmp_path: Path) -> None:
+    report = draft(model={"demo": True, "name": "cxr-demo-tiny"})
+    path = tmp_path / "draft.dcm"
+    write_sr(build_draft_sr([rg1], report, SETTINGS), path)
+    assert_valid_sr(path, rg1)
+    sr = check_draft(path, [rg1], report)
+    assert sr.SeriesDescription.startswith("DEMO MODEL — ")
+    assert "DEMO MODEL" in sr.CompletionFlagDescription
+    assert texts(sr, ("121106", "DCM"))[0] == DEMO_DISCLAIMER
+    assert "DEMO MODEL" in render_sr(sr)
+
+
+def test_long_report_without_impression(rg1: Path, tmp_path: Path) -> None:
+    paragraph = MULTILINGUAL + "\n"
+    findings = (paragraph * (10_240 // len(paragraph.encode()) + 1)).strip()
+    assert len(findings.encode()) > 10_000
+    report = draft(findings=findings, impression="")
+    path = tmp_path / "draft.dcm"
+    write_sr(build_draft_sr([rg1], report, SETTINGS), path)
+    assert_valid_sr(path, rg1)
+    check_draft(path, [rg1], report)
+
+
+def test_text_is_normalised_once_and_then_kept(rg1: Path, tmp_path: Path) -> None:
+    report = draft(findings="  Lungs clear.\tHeart normal.\n\n", impression="\tNormal. ")
+    assert (report.findings, report.impression) == ("Lungs clear. Heart normal.", "Normal.")
+    sr = written(build_draft_sr([rg1], report, SETTINGS), tmp_path / "draft.dcm")
+    assert texts(sr, ("121071", "DCM")) == ["Lungs clear. Heart normal."]
+
+
+# --- UIDs ---------------------------------------------------------------------------------------
+
+
+def uids(sr: Dataset) -> tuple[str, str, str]:
+    return sr.SOPInstanceUID, sr.SeriesInstanceUID, sr.AuthorObserverSequence[0].DeviceUID
+
+
+def test_same_draft_gets_the_same_uids(rg1: Path, lateral: Path) -> None:
+    first = build_draft_sr([rg1, lateral], draft(), SETTINGS)
+    again = build_draft_sr([lateral, rg1], draft(), SETTINGS)  # order of images does not matter
+    assert uids(first) == uids(again)
+    assert first.SOPInstanceUID.startswith(pydicom.uid.PYDICOM_ROOT_UID)
+
+
+def test_new_model_revision_or_input_gives_a_new_instance_in_the_same_series(
+    rg1: Path, lateral: Path, tmp_path: Path
+) -> None:
+    base = build_draft_sr([rg1], draft(), SETTINGS)
+    other_model = build_draft_sr([rg1], draft(model={"fingerprint": "0" * 64}), SETTINGS)
+    revision_2 = build_draft_sr([rg1], draft(), SETTINGS, revision=2)
+    more_images = build_draft_sr([rg1, lateral], draft(), SETTINGS)
+    # same SOP Instance UID, different file content (a corrected header) -> a different draft
+    changed = header_copy(rg1, tmp_path / "changed.dcm", ImageComments="re-sent")
+    changed_file = build_draft_sr([changed], draft(), SETTINGS)
+    variants = [base, other_model, revision_2, more_images, changed_file]
+    assert len({v.SOPInstanceUID for v in variants}) == len(variants)
+    assert len({v.SeriesInstanceUID for v in variants}) == 1
+    assert uids(other_model)[2] != uids(base)[2]  # new weights, new device observer
+    assert uids(revision_2)[2] == uids(base)[2]
+    assert revision_2.InstanceNumber == 2
+
+
+def test_uid_root_is_used(rg1: Path) -> None:
+    settings = ReportConfig(uid_root="1.2.826.0.1.3680043.10.999")
+    sr = build_draft_sr([rg1], draft(), settings)
+    assert all(uid.startswith("1.2.826.0.1.3680043.10.999.") for uid in uids(sr))
+    assert sr.SeriesInstanceUID != build_draft_sr([rg1], draft(), SETTINGS).SeriesInstanceUID
+
+
+# --- supersedes ---------------------------------------------------------------------------------
+
+
+def test_new_draft_supersedes_the_earlier_one(rg1: Path, lateral: Path, tmp_path: Path) -> None:
+    earlier = written(build_draft_sr([rg1], draft(), SETTINGS), tmp_path / "rev1.dcm")
+    report = draft(findings="Both views: lungs clear.")
+    path = tmp_path / "rev2.dcm"
+    rev2 = build_draft_sr(
+        [rg1, lateral], report, SETTINGS, supersedes=tmp_path / "rev1.dcm", revision=2
+    )
+    write_sr(rev2, path)
+    assert_valid_sr(path, lateral)
+    sr = check_draft(path, [rg1, lateral], report)
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (
+        earlier.StudyInstanceUID,
+        earlier.SeriesInstanceUID,
+    )
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        earlier.SOPClassUID,
+        earlier.SOPInstanceUID,
+    )
+    notes = [t for t in texts(sr, ("121106", "DCM")) if "supersedes" in t]
+    assert len(notes) == 1 and earlier.SOPInstanceUID in notes[0]
+    assert sr.SeriesInstanceUID == earlier.SeriesInstanceUID
+    assert earlier.SOPInstanceUID in render_sr(sr)
+
+
+def test_supersedes_must_be_an_earlier_draft_of_this_study(
+    rg1: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    rev2 = tmp_path / "rev2.dcm"
+    write_sr(build_draft_sr([rg1], draft(), SETTINGS, revision=2), rev2)
+    with pytest.raises(ReportError, match="revision 2 does not follow .* revision 2"):
+        build_draft_sr([rg1], draft(), SETTINGS, supersedes=rev2, revision=2)
+    other_study = cxr_dir / "CR-MONO1-10-chest.dcm"
+    with pytest.raises(ReportError, match="different StudyInstanceUID"):
+        build_draft_sr([other_study], draft(), SETTINGS, supersedes=rev2, revision=3)
+    with pytest.raises(ReportError, match="not an SR document"):
+        build_draft_sr([rg1], draft(), SETTINGS, supersedes=rg1, revision=3)
+
+
+# --- malformed results --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"ok": False}, r"result\.ok: the worker reported a failure"),
+        ({"ok": "yes"}, r"result\.ok: expected true or false, got str"),
+        ({"findings": None}, r"result\.findings: expected a string, got NoneType"),
+        ({"findings": " \n\t "}, r"findings: empty"),
+        ({"findings": "ok\x00"}, r"findings: control character U\+0000 at position 2"),
+        ({"impression": "a\x1b[1mb"}, r"impression: control character U\+001B at position 1"),
+        ({"findings": "lone \udc80 surrogate"}, r"findings: not encodable as UTF-8 at position 5"),
+        ({"request_id": ""}, r"result\.request_id: empty"),
+        ({"notes": ["fine", 3]}, r"result\.notes\[1\]: expected a string, got int"),
+        ({"model": {"fingerprint": "abc"}}, r"model\.fingerprint: expected a sha256 digest"),
+        ({"model": {"fingerprint": "AB" * 32}}, r"model\.fingerprint: expected a sha256 digest"),
+        ({"model": {"demo": 1}}, r"result\.model\.demo: expected true or false, got int"),
+        ({"model": {"adapter": 7}}, r"result\.model\.adapter: expected a string, got int"),
+        ({"model": {"name": "a\\b"}}, r"model\.name: not usable as a DICOM LO .*backslash"),
+        ({"model": {"version": "v" * 65}}, r"model\.version: .*65 characters, LO allows 64"),
+        ({"model": {"architecture": ""}}, r"model\.architecture: expected a non-empty string"),
+        ({"timings": {"batch_size": 0}}, r"result\.timings\.batch_size: out of range \(0\)"),
+        ({"timings": {"batch_size": True}}, r"timings\.batch_size: expected an integer, got bool"),
+        ({"timings": {"generate_seconds": "3"}}, r"timings\.generate_seconds: expected a number"),
+        ({"model": None}, r"result\.model: expected a mapping, got NoneType"),
+    ],
+)
+def test_malformed_results_are_refused_precisely(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ReportError, match=message):
+        draft(**changes)
+
+
+def test_missing_fields_are_named() -> None:
+    for path in (("findings",), ("model", "fingerprint"), ("timings", "device")):
+        result = worker_result()
+        container = result if len(path) == 1 else result[path[0]]
+        del container[path[-1]]
+        with pytest.raises(ReportError) as failure:
+            DraftReport.from_result(result)
+        assert str(failure.value) == f"result.{'.'.join(path)}: missing"
+    with pytest.raises(ReportError, match="result: expected a mapping, got list"):
+        DraftReport.from_result([])  # type: ignore[arg-type]
+
+
+def test_model_identity_validates_when_built_directly() -> None:
+    with pytest.raises(ReportError, match="model.fingerprint"):
+        ModelIdentity("m", "1", "llava", "nf4", None, "x", False)
+
+
+# --- source images that cannot be drafted -------------------------------------------------------
+
+
+def test_invalid_identifying_value_fails_with_a_reason_and_no_identifiers(cxr_dir: Path) -> None:
+    """966_fixed.dcm: AccessionNumber has 56 characters (SH allows 16) -> the draft fails."""
+    source = cxr_dir / "966_fixed.dcm"
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    with pytest.raises(ReportError) as failure:
+        build_draft_sr([source], draft(), SETTINGS)
+    message = str(failure.value)
+    assert "966_fixed.dcm" in message
+    assert "AccessionNumber is not valid DICOM (56 characters, SH allows 16)" in message
+    for identifier in (header.AccessionNumber, str(header.PatientName), header.PatientID):
+        assert identifier not in message
+
+
+def test_invalid_optional_value_is_left_out_and_said(cxr_dir: Path, tmp_path: Path) -> None:
+    """966_fixed.dcm with a valid accession: the hashed birth date is dropped, never rewritten."""
+    source = header_copy(cxr_dir / "966_fixed.dcm", tmp_path / "966.dcm", AccessionNumber="A966")
+    hashed_birth_date = pydicom.dcmread(source).PatientBirthDate
+    report = draft()
+    path = tmp_path / "draft.dcm"
+    with structlog.testing.capture_logs() as logs:
+        write_sr(build_draft_sr([source], report, SETTINGS), path)
+    assert_valid_sr(path, source)
+    sr = check_draft(path, [source], report)
+    assert sr.PatientBirthDate == ""
+    assert "PatientBirthDate" in sr  # Type 2: present, empty
+    assert hashed_birth_date.encode() not in path.read_bytes()
+    said = [t for t in texts(sr, ("121106", "DCM")) if "PatientBirthDate" in t]
+    assert said == ["Source value left out: PatientBirthDate (not a valid DA value)."]
+    omitted = [e for e in logs if e["event"] == "report.source_value_omitted"]
+    assert [e["attribute"] for e in omitted] == ["PatientBirthDate"]
+    assert hashed_birth_date not in str(logs)
+
+
+def test_images_of_different_studies_or_patients_are_refused(
+    rg1: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ReportError, match="disagree on StudyInstanceUID"):
+        build_draft_sr([rg1, cxr_dir / "CR-MONO1-10-chest.dcm"], draft(), SETTINGS)
+    other_patient = header_copy(
+        rg1, tmp_path / "other.dcm", SOPInstanceUID=str(generate_uid()), PatientID="OTHER-1"
+    )
+    with pytest.raises(ReportError, match="disagree on PatientID") as failure:
+        build_draft_sr([rg1, other_patient], draft(), SETTINGS)
+    assert "OTHER-1" not in str(failure.value) and "9RG1" not in str(failure.value)
+    with pytest.raises(ReportError, match="same instance"):
+        build_draft_sr([rg1, rg1], draft(), SETTINGS)
+    with pytest.raises(ReportError, match="no source image"):
+        build_draft_sr([], draft(), SETTINGS)
+
+
+def test_unreadable_source_is_named(cxr_dir: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(ReportError, match=r"source image junk\.dcm: SOPClassUID is missing"):
+        build_draft_sr([junk], draft(), SETTINGS)
+    with pytest.raises(ReportError, match=r"source image gone\.dcm: cannot be read"):
+        build_draft_sr([tmp_path / "gone.dcm"], draft(), SETTINGS)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def test_write_refuses_an_invalid_value_and_leaves_nothing(rg1: Path, tmp_path: Path) -> None:
+    sr = build_draft_sr([rg1], draft(), SETTINGS)
+    sr.AccessionNumber = "X" * 17
+    with pytest.raises(ReportError, match="invalid AccessionNumber: 17 characters, SH allows 16"):
+        write_sr(sr, tmp_path / "draft.dcm")
+    nested = build_draft_sr([rg1], draft(), SETTINGS)
+    nested.AuthorObserverSequence[0].DeviceUID = "1.2.03"
+    with pytest.raises(ReportError, match="invalid DeviceUID"):
+        write_sr(nested, tmp_path / "draft.dcm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rewrite_replaces_the_file_whole(rg1: Path, tmp_path: Path) -> None:
+    path = tmp_path / "draft.dcm"
+    path.write_bytes(b"stale")
+    sr = build_draft_sr([rg1], draft(), SETTINGS)
+    write_sr(sr, path)
+    write_sr(sr, path)
+    assert pydicom.dcmread(path).SOPInstanceUID == sr.SOPInstanceUID
+    assert [p.name for p in tmp_path.iterdir()] == ["draft.dcm"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+# --- the validators themselves ----------------------------------------------------------------
+
+
+def test_validation_fails_loudly(
+    rg1: Path, cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each check of assert_valid_sr catches what it is there for; none of them is a no-op."""
+    sr = build_draft_sr([rg1], draft(), SETTINGS)
+    tab = copy.deepcopy(sr)
+    tab.ContentSequence[-1].ContentSequence[0].TextValue = "a\tb"  # UT allows no TAB
+    tab.save_as(tmp_path / "tab.dcm", enforce_file_format=True)
+    with pytest.raises(pytest.fail.Exception, match=r"dciodvfy tab.dcm: 2 error\(s\)"):
+        assert_valid_sr(tmp_path / "tab.dcm")
+    no_type = copy.deepcopy(sr)
+    del no_type.ContentSequence[-1].ContentSequence[0].ValueType  # dciodvfy misses this one
+    no_type.save_as(tmp_path / "no_type.dcm", enforce_file_format=True)
+    with pytest.raises(pytest.fail.Exception, match="dsrdump"):
+        assert_valid_sr(tmp_path / "no_type.dcm")
+    good = tmp_path / "good.dcm"
+    write_sr(sr, good)
+    renamed = header_copy(rg1, tmp_path / "renamed.dcm", PatientName="Someone^Else")
+    with pytest.raises(pytest.fail.Exception, match="dcentvfy good.dcm renamed.dcm"):
+        assert_valid_sr(good, renamed)
+    with pytest.raises(AssertionError, match="differ in StudyInstanceUID"):
+        assert_valid_sr(good, cxr_dir / "CR-MONO1-10-chest.dcm")  # dcentvfy alone says nothing
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="dciodvfy not found on PATH"):
+        assert_valid_sr(good)
+
+
+# --- show ---------------------------------------------------------------------------------------
+
+
+def test_render_our_sr_hides_phi_by_default(rg1: Path, tmp_path: Path) -> None:
+    report = draft(findings=MULTILINGUAL)
+    sr = written(build_draft_sr([rg1], report, SETTINGS), tmp_path / "draft.dcm")
+    text = render_sr(sr)
+    for line in MULTILINGUAL.splitlines():
+        assert line in text
+    for expected in (DISCLAIMER, "Comprehensive SR Storage", "completion PARTIAL",
+                     "verification UNVERIFIED", "preliminary PRELIMINARY", sr.StudyInstanceUID,
+                     sr.SeriesInstanceUID, sr.SeriesDescription, "medgemma-4b-it",
+                     sr.AuthorObserverSequence[0].DeviceUID, "1 instance(s) of this procedure",
+                     "Predecessor:     none", "[TID 2000]"):  # fmt: skip
+        assert expected in text, expected
+    for phi in ("CompressedSamples", "9RG1", "19400305", "exam Number"):
+        assert phi not in text
+    assert f"Patient:         {HIDDEN}" in text
+    assert "Problems" not in text
+    shown = render_sr(sr, phi=True)
+    for phi in ("CompressedSamples^RG1", "9RG1", "19400305", "exam Number"):
+        assert phi in shown
+
+
+def foreign_sr(evidence: Dataset) -> hd.sr.ComprehensiveSR:
+    """An SR that is not ours: a person observer, a subject name in the tree, a NUM item."""
+    subject = hd.sr.PnameContentItem(
+        name=codes.DCM.SubjectName, value="Doe^Jane", relationship_type="HAS OBS CONTEXT"
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Rad^Ann"),
+    )
+    size = hd.sr.NumContentItem(
+        name=codes.SCT.Diameter,
+        value=42.5,
+        unit=codes.UCUM.Millimeter,
+        relationship_type="CONTAINS",
+    )
+    note = hd.sr.TextContentItem(
+        name=codes.DCM.Finding, value="Nodule, right upper lobe.", relationship_type="CONTAINS"
+    )
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+    root.ContentSequence = hd.sr.ContentSequence([*observer, subject, note, size])
+    return hd.sr.ComprehensiveSR(
+        evidence=[evidence],
+        content=root,
+        series_instance_uid=str(generate_uid()),
+        series_number=7,
+        sop_instance_uid=str(generate_uid()),
+        instance_number=1,
+        manufacturer="Someone Else",
+    )
+
+
+def test_render_foreign_sr(rg1: Path, tmp_path: Path) -> None:
+    header = pydicom.dcmread(rg1, stop_before_pixels=True)
+    path = tmp_path / "foreign.dcm"
+    foreign_sr(header).save_as(path, enforce_file_format=True)
+    assert_valid_sr(path, rg1)
+    text = render_sr(pydicom.dcmread(path))
+    assert 'contains NUM "Diameter" = 42.5 mm' in text
+    assert 'contains TEXT "Finding" = Nodule, right upper lobe.' in text
+    assert 'has obs context PNAME "Person Observer Name" = Rad^Ann' in text
+    assert f'has obs context PNAME "Subject Name" = {HIDDEN}' in text
+    assert "Doe^Jane" not in text and "CompressedSamples" not in text
+    assert "Doe^Jane" in render_sr(pydicom.dcmread(path), phi=True)
+
+
+def test_render_dcmtk_sample() -> None:
+    sample = pydicom.dcmread(pydicom.data.get_testdata_file("test-SR.dcm"))
+    text = render_sr(sample)
+    assert "Comprehensive SR Storage" in text
+    assert 'contains NUM "Diameter" = 3 cm' in text
+    assert "Inferred Sample Text" in text
+    assert "-> item 1.3.2 (by reference)" in text
+    assert str(sample.PatientName) not in text
+
+
+def test_render_malformed_sr_says_what_is_wrong(rg1: Path) -> None:
+    sr = build_draft_sr([rg1], draft(), SETTINGS)
+    broken = copy.deepcopy(sr)
+    del broken.ContentSequence[-1].ContentSequence[0].TextValue
+    del broken.ContentSequence[-2].ValueType
+    del broken.CurrentRequestedProcedureEvidenceSequence
+    text = render_sr(broken)
+    assert DISCLAIMER in text
+    assert "item 1.10.1: TEXT without TextValue" in text
+    assert "item 1.9: no ValueType" in text
+    assert "no evidence" in text
+    not_sr = render_sr(pydicom.dcmread(rg1, stop_before_pixels=True))
+    assert "not an SR document" in not_sr and "Modality is CR, not SR" in not_sr
