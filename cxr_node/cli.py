@@ -11,7 +11,14 @@ from pathlib import Path
 
 import yaml
 
-from cxr_node.config import Config, ConfigError, default_config_path, effective_config, load_config
+from cxr_node.config import (
+    Config,
+    ConfigError,
+    default_config_path,
+    effective_config,
+    load_config,
+    reference,
+)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -62,6 +69,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from cxr_node.dispatch import OutboxRow, outbox_rows
+    from cxr_node.store import Store
+
+    rows = outbox_rows(Store(_config(args).database_path), args.state or None)
+    if not rows:
+        print("outbox: nothing waiting or failed")
+        return 0
+    now = time.time()
+    _table(OutboxRow.COLUMNS, [r.cells(now) for r in rows])
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from cxr_node.dispatch import requeue
+    from cxr_node.store import Store
+
+    if (args.id is None) == (not args.all_failed):
+        print("give an outbox row ID or --all-failed", file=sys.stderr)
+        return 2
+    count = requeue(Store(_config(args).database_path), row_id=args.id, all_failed=args.all_failed)
+    print(f"requeued {count} report(s); the running node sends them within seconds")
+    return 0 if count else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from cxr_node.show import render_sr
+
+    try:
+        ds = pydicom.dcmread(args.file, force=True)
+    except (OSError, InvalidDicomError) as exc:
+        print(f"{args.file}: cannot read: {exc}", file=sys.stderr)
+        return 2
+    print(render_sr(ds, phi=args.phi), end="")
+    return 0
+
+
+def cmd_model_demo(args: argparse.Namespace) -> int:
+    from workers.demo import build_demo_model
+
+    try:
+        path = build_demo_model(args.dir)
+    except FileExistsError:
+        print(f"{args.dir} exists; give a new directory", file=sys.stderr)
+        return 2
+    print(f"demo model (random weights, NOT clinical) written to {path}")
+    return 0
+
+
 def _age(then: float) -> str:
     seconds = max(0, time.time() - then)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -100,10 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "show recent studies and their state")
     p.add_argument("--limit", type=int, default=30)
 
+    p = command("outbox", cmd_outbox, "list draft reports waiting to be sent, or dead-lettered")
+    p.add_argument("--state", action="append", choices=["pending", "sending", "dead", "delivered"],
+                   help="only rows in this state (repeatable); default: all but delivered")
+    p = command("requeue", cmd_requeue, "send dead-lettered reports again")
+    p.add_argument("id", nargs="?", type=int, help="outbox row id (from `cxr-node outbox`)")
+    p.add_argument("--all-failed", action="store_true", help="every dead-lettered report")
+    p = command("show", cmd_show, "render a DICOM SR (ours or anyone's) as text", config=False)
+    p.add_argument("file", type=Path)
+    p.add_argument("--phi", action="store_true", help="also show patient name, ID and birth date")
+    model = sub.add_parser("model", help="model tools").add_subparsers(dest="what", required=True)
+    p = model.add_parser("demo", help="build the tiny random-weight DEMO model (no download)")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_model_demo)
+
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="what", required=True)
     p = cfg.add_parser("check", help="validate a configuration file and print it as the node sees it")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_config_check)
+    p = cfg.add_parser("reference", help="print every configuration key with default and meaning")
+    p.set_defaults(func=lambda _args: print(reference(), end="") or 0)
     return parser
 
 

@@ -8,6 +8,7 @@ Secrets never live in the YAML: they come from the environment or from files (sy
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -75,12 +76,13 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve)]
 class TLSConfig(_Section):
     """DICOM TLS (PS3.15 B.1). Files are PEM; the private key is a secret path, not a secret value."""
 
-    certificate: ConfigPath
-    private_key: ConfigPath
+    certificate: ConfigPath = Field(description="this node's certificate chain (PEM)")
+    private_key: ConfigPath = Field(description="its private key (PEM, readable by the node only)")
     ca_certificates: ConfigPath | None = Field(
         None, description="CA bundle that peer certificates must chain to"
     )
-    require_client_certificate: bool = False
+    require_client_certificate: bool = Field(
+        False, description="receiver: refuse peers without a certificate from ca_certificates")
     minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
 
     @model_validator(mode="after")
@@ -91,18 +93,22 @@ class TLSConfig(_Section):
 
 
 class NodeConfig(_Section):
-    ae_title: AETitle = "CXR_NODE"
-    host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
-    state_dir: ConfigPath = Path("/var/lib/cxr-node")
-    max_associations: int = Field(16, ge=1, le=512)
-    min_free_disk_mb: int = Field(2048, ge=0)
+    ae_title: AETitle = Field("CXR_NODE", description="called AE title modalities send to")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every address)")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM port")
+    state_dir: ConfigPath = Field(Path("/var/lib/cxr-node"),
+                                  description="everything the node writes lives here")
+    max_associations: int = Field(16, ge=1, le=512, description="concurrent incoming associations")
+    min_free_disk_mb: int = Field(
+        2048, ge=0, description="below this free space, C-STORE answers 0xA700 (retry later)")
     receivers: int = Field(2, ge=1, le=64, description="receiver processes sharing the port")
-    fsync: bool = True
-    max_pdu_bytes: int = Field(0, ge=0, description="0 = unlimited")
-    acse_timeout_seconds: float = Field(10.0, gt=0)
-    network_timeout_seconds: float = Field(60.0, gt=0)
-    tls: TLSConfig | None = None
+    fsync: bool = Field(True, description="fsync each instance before answering success")
+    max_pdu_bytes: int = Field(0, ge=0, description="largest PDU we receive; 0 = unlimited")
+    acse_timeout_seconds: float = Field(
+        10.0, gt=0, description="wait this long for a peer's association request or release")
+    network_timeout_seconds: float = Field(
+        60.0, gt=0, description="a silent association is closed after this")
+    tls: TLSConfig | None = Field(None, description="DICOM TLS for the receiver (see tls.*)")
 
     @field_validator("host")
     @classmethod
@@ -117,8 +123,8 @@ class NodeConfig(_Section):
 class AcceptRule(_Section):
     """One calling AE title allowed from one network; both must match."""
 
-    ae_title: str
-    network: str
+    ae_title: str = Field(description='calling AE title, or "*" for any')
+    network: str = Field(description='peer network such as 10.0.0.0/24, or "*" for any')
 
     @field_validator("ae_title")
     @classmethod
@@ -149,9 +155,11 @@ class AcceptRule(_Section):
 class RoutingRules(_Section):
     """Which instances a draft may be made from; "" matches an absent or empty attribute."""
 
-    modalities: list[str] = ["CR", "DX"]
-    body_parts: list[str] = ["CHEST", ""]
-    view_positions: list[str] = ["PA", "AP", "LL", "RL", "LATERAL", ""]
+    modalities: list[str] = Field(["CR", "DX"], description="Modality values to draft")
+    body_parts: list[str] = Field(["CHEST", ""],
+                                  description='BodyPartExamined values ("" = absent)')
+    view_positions: list[str] = Field(["PA", "AP", "LL", "RL", "LATERAL", ""],
+                                      description='ViewPosition values ("" = absent)')
 
     @field_validator("modalities", "body_parts", "view_positions")
     @classmethod
@@ -160,8 +168,9 @@ class RoutingRules(_Section):
 
 
 class StudyConfig(_Section):
-    settle_seconds: float = Field(30.0, ge=0)
-    max_wait_seconds: float = Field(900.0, gt=0)
+    settle_seconds: float = Field(30.0, ge=0, description="quiet time after which a study is complete")
+    max_wait_seconds: float = Field(
+        900.0, gt=0, description="draft a study that keeps receiving after this long anyway")
     rules: RoutingRules = RoutingRules()
 
     @model_validator(mode="after")
@@ -178,19 +187,21 @@ class QueueConfig(_Section):
         "embedded",
         description='"embedded" (a folder under state_dir, no server) or redis://host:port/db',
     )
-    name: str = "cxr.draft"
+    name: str = Field("cxr.draft", description="Celery queue the workers consume")
     local_worker: bool | None = Field(
         None, description="serve also runs a worker; default: yes with the embedded broker"
     )
     max_in_flight: int = Field(1, ge=1, description="draft tasks outstanding at once")
     batch_size: int = Field(4, ge=1, le=64, description="studies per task (one generate call)")
-    task_time_limit_seconds: int = Field(600, ge=10)
-    visibility_timeout_seconds: int = Field(3600, ge=60)
+    task_time_limit_seconds: int = Field(600, ge=10, description="a draft task is killed after this")
+    visibility_timeout_seconds: int = Field(
+        3600, ge=60, description="Redis re-delivers an unacknowledged task after this")
     result_timeout_seconds: int | None = Field(
         None, description="re-queue a task with no result after this; default time limit + 120 s"
     )
     max_attempts: int = Field(3, ge=1, description="submissions of one study before it fails")
-    poll_interval_seconds: float = Field(0.1, gt=0, le=5)
+    poll_interval_seconds: float = Field(
+        0.1, gt=0, le=5, description="how often stages and the embedded broker look for work")
 
     @field_validator("broker")
     @classmethod
@@ -230,14 +241,14 @@ class QueueConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    max_new_tokens: int = Field(256, ge=1, le=4096)
-    min_new_tokens: int = Field(0, ge=0)
-    num_beams: int = Field(1, ge=1, le=16)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, ge=1.0)
-    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="longest draft, in tokens")
+    min_new_tokens: int = Field(0, ge=0, description="shortest draft, in tokens")
+    num_beams: int = Field(1, ge=1, le=16, description="beam search width (1 = greedy)")
+    do_sample: bool = Field(False, description="sampling (off: the same images give the same text)")
+    temperature: float = Field(1.0, gt=0, description="only with do_sample")
+    top_p: float = Field(1.0, gt=0, le=1, description="only with do_sample")
+    repetition_penalty: float = Field(1.1, ge=1.0, description="repetition guard (1.0 = off)")
+    no_repeat_ngram_size: int = Field(6, ge=0, description="no n-gram of this size twice (0 = off)")
 
 
 DEFAULT_PROMPT = (
@@ -253,14 +264,16 @@ class ModelConfig(_Section):
         None, description="model directory; default <state_dir>/models/demo, built if absent"
     )
     adapter: ConfigPath | None = Field(None, description="optional peft LoRA adapter directory")
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    prompt: str = DEFAULT_PROMPT
+    quantization: Literal["nf4", "int8", "none"] = Field(
+        "nf4", description="bitsandbytes 4-bit NF4, 8-bit, or full precision")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when present")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu")
+    prompt: str = Field(DEFAULT_PROMPT, description="instruction; placeholders {views}, {indication}")
     send_indication: bool = Field(
         False, description="put the request's reason text in the prompt (free text may hold PHI)"
     )
-    max_images: int = Field(2, ge=1, le=8)
+    max_images: int = Field(2, ge=1, le=8, description="views per study (frontal, then lateral)")
     image_size: int = Field(896, ge=64, le=4096, description="longest side sent to the worker")
     generation: GenerationConfig = GenerationConfig()
 
@@ -277,13 +290,14 @@ class ModelConfig(_Section):
 
 
 class ReportConfig(_Section):
-    series_number: int = Field(9901, ge=1, le=2**31 - 1)
-    series_description: str = Field("AI PRELIMINARY DRAFT", min_length=1, max_length=64)
-    institution_name: str | None = Field(None, max_length=64)
+    series_number: int = Field(9901, ge=1, le=2**31 - 1, description="SeriesNumber of the drafts")
+    series_description: str = Field("AI PRELIMINARY DRAFT", min_length=1, max_length=64,
+                                    description='"AI DRAFT — NOT VERIFIED" is added if not said')
+    institution_name: str | None = Field(None, max_length=64, description="InstitutionName in the SR")
     uid_root: str | None = Field(
         None, description="your organisation's UID root; default: pydicom's root"
     )
-    manufacturer: str = Field("cxr-node", max_length=64)
+    manufacturer: str = Field("cxr-node", max_length=64, description="Manufacturer in the SR")
 
     @field_validator("uid_root")
     @classmethod
@@ -297,40 +311,40 @@ class ReportConfig(_Section):
 
 
 class DicomDestination(_Section):
-    name: str = Field(min_length=1, max_length=64)
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
-    calling_ae_title: AETitle | None = None
-    tls: TLSConfig | None = None
-    timeout_seconds: float = Field(30.0, gt=0)
+    name: str = Field(min_length=1, max_length=64, description="name in logs and `cxr-node outbox`")
+    ae_title: AETitle = Field(description="the PACS's AE title")
+    host: str = Field(description="the PACS's address")
+    port: int = Field(ge=1, le=65535, description="the PACS's DICOM port")
+    calling_ae_title: AETitle | None = Field(None, description="our AE title there; default node.ae_title")
+    tls: TLSConfig | None = Field(None, description="DICOM TLS to this PACS")
+    timeout_seconds: float = Field(30.0, gt=0, description="association and response timeout")
 
 
 class FolderDestination(_Section):
-    name: str = Field(min_length=1, max_length=64)
-    folder: ConfigPath
+    name: str = Field(min_length=1, max_length=64, description="name in logs and `cxr-node outbox`")
+    folder: ConfigPath = Field(description="directory the SR files are written to")
 
 
 Destination = DicomDestination | FolderDestination
 
 
 class DispatchConfig(_Section):
-    max_attempts: int = Field(20, ge=1)
-    backoff_initial_seconds: float = Field(5.0, gt=0)
-    backoff_max_seconds: float = Field(900.0, gt=0)
+    max_attempts: int = Field(20, ge=1, description="sends before a report is dead-lettered")
+    backoff_initial_seconds: float = Field(5.0, gt=0, description="first retry delay (doubles)")
+    backoff_max_seconds: float = Field(900.0, gt=0, description="longest retry delay")
 
 
 class LoggingConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     phi: bool = Field(False, description="log patient and study identifiers (off by default)")
 
 
 class HttpConfig(_Section):
     """Metrics, health check and the status page: loopback only unless IT says otherwise."""
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(9464, ge=0, le=65535)
+    enabled: bool = Field(True, description="serve /metrics, /healthz and the status page")
+    host: str = Field("127.0.0.1", description="address of the HTTP endpoint")
+    port: int = Field(9464, ge=0, le=65535, description="its port")
 
 
 class Config(BaseModel):
@@ -342,7 +356,7 @@ class Config(BaseModel):
     queue: QueueConfig = QueueConfig()
     model: ModelConfig = ModelConfig()
     report: ReportConfig = ReportConfig()
-    destinations: list[Destination] = []
+    destinations: list[Destination] = Field([], description="where draft SRs are sent (below)")
     dispatch: DispatchConfig = DispatchConfig()
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig = HttpConfig()
@@ -495,3 +509,57 @@ def effective_config(config: Config) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     data["queue"]["broker_password"] = "***" if broker_password() else None
     return data
+
+
+def reference() -> str:
+    """Every key with its type, default and meaning, as a Markdown table (README, `config reference`)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if name == "source":
+                continue
+            key = f"{prefix}{name}"
+            nested = _section_type(field.annotation)
+            if nested is not None and name not in ("tls",):
+                if field.annotation is not nested:  # a list of sections
+                    key += "[]"
+                walk(nested, key + ".")
+                continue
+            default = "" if field.is_required() else _shown(field.get_default(call_default_factory=True))
+            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | "
+                        f"{(field.description or '').replace('|', '/')} |")
+
+    walk(Config, "")
+    for name, model in (("destinations[] (DICOM)", DicomDestination),
+                        ("destinations[] (folder)", FolderDestination), ("tls", TLSConfig)):
+        rows.append(f"| **{name}** | | | |")
+        walk(model, f"{name.split()[0]}.")
+    return "\n".join(rows) + "\n"
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if getattr(annotation, "__origin__", None) is list and len(args) == 1:
+        return _section_type(args[0])
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("NoneType", "null")
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
+    text = re.sub(r"\bcxr_node\.config\.", "", text)
+    text = re.sub(r"Optional\[(.*)\]", r"\1 | null", text)
+    text = re.sub(r"Literal\[(.*)\]", lambda m: m.group(1).replace("'", "").replace(", ", " / "), text)
+    return text.replace(" | None", " | null").replace("|", "or")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, str) and len(value) > 40:
+        return "(see config/single-machine.yaml)" if value == DEFAULT_PROMPT else f"`{value[:37]}...`"
+    return f"`{json.dumps(value, default=str)}`"

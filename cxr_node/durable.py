@@ -16,8 +16,10 @@ DIR_MODE = 0o700
 
 
 def private_dir(path: Path) -> Path:
-    """Create a directory (and parents) readable only by the node's user."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """Create a directory, and any missing parent, readable only by the node's user."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
     return path
 
 

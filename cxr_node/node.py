@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -30,6 +30,11 @@ log = structlog.get_logger("cxr_node.node")
 
 class Stage(Protocol):
     def step(self) -> int: ...
+
+
+@runtime_checkable
+class WorkerAware(Protocol):
+    def requeue_running(self, reason: str) -> int: ...
 
 
 class StageRunner(threading.Thread):
@@ -155,6 +160,10 @@ class Node:
             if self.worker is not None:
                 log.error("worker.died", exitcode=self.worker.returncode)
             self.worker = start_local_worker(self.config)
+            # Whatever the previous local worker had started is lost with it.
+            for _, stage in self.stages:
+                if isinstance(stage, WorkerAware):
+                    stage.requeue_running("the local worker stopped while drafting")
 
     def _stop_receivers(self) -> None:
         for proc in self.receivers:
@@ -186,5 +195,14 @@ def start_local_worker(config: Config) -> subprocess.Popen[bytes]:
 def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
     """The pipeline, in data-flow order."""
     from cxr_node.assemble import StudyAssembler
+    from cxr_node.dispatch import Outbox
+    from cxr_node.queue import DraftQueue
+    from cxr_node.report import Reporter
 
-    return [("assemble", StudyAssembler(config.study, store))]
+    outbox = Outbox(config, store)
+    return [
+        ("assemble", StudyAssembler(config.study, store)),
+        ("queue", DraftQueue(config, store)),
+        ("report", Reporter(config, store, outbox)),
+        ("dispatch", outbox),
+    ]

@@ -62,6 +62,7 @@ import hashlib
 import io
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,9 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import MAX_VALUE_LEN, VALIDATORS
 
 from cxr_node import __version__
-from cxr_node.config import ReportConfig
+from cxr_node.config import Config, ReportConfig
 from cxr_node.durable import write_atomic
+from cxr_node.store import Store, Study, StudyState
 
 log = structlog.get_logger(__name__)
 
@@ -662,3 +664,58 @@ def _clean_text(where: str, value: Any) -> str:
     except UnicodeEncodeError as exc:
         raise ReportError(f"{where}: not encodable as UTF-8 at position {exc.start}") from exc
     return text
+
+
+class Reporter:
+    """The report stage: drafted -> reported. Builds the SR, files it, and fills the outbox.
+
+    The SR file is written before the row that points at it, and the outbox rows and the state
+    change are one transaction, so a crash leaves either no report or a report ready to send.
+    """
+
+    def __init__(self, config: Config, store: Store, outbox: Any, clock: Any = time.time):
+        self.config = config
+        self.store = store
+        self.outbox = outbox
+        self.clock = clock
+
+    def step(self) -> int:
+        done = 0
+        for study in self.store.studies([StudyState.DRAFTED]):
+            done += self._report(study)
+        return done
+
+    def _report(self, study: Study) -> int:
+        job = self.store.db.execute(
+            """SELECT * FROM jobs WHERE study_uid = ? AND revision = ? AND state = 'done'
+               ORDER BY id DESC LIMIT 1""", (study.study_uid, study.revision)).fetchone()
+        earlier = self.store.db.execute(
+            "SELECT path FROM reports WHERE study_uid = ? AND revision < ? ORDER BY revision DESC "
+            "LIMIT 1", (study.study_uid, study.revision)).fetchone()
+        try:
+            if job is None:
+                raise ReportError("no finished draft for this revision")
+            draft = DraftReport.from_result(json.loads(job["result"]))
+            images = [Path(i["path"]) for i in json.loads(job["inputs"])["images"]]
+            ds = build_draft_sr(images, draft, self.config.report, revision=study.revision,
+                                supersedes=Path(earlier["path"]) if earlier else None)
+            path = self.config.reports_dir / study.study_key / f"{ds.SOPInstanceUID}.dcm"
+            write_sr(ds, path)
+        except ReportError as exc:
+            if self.store.move(study, StudyState.FAILED, f"report not built: {exc}"):
+                log.warning("study.state", study=study.study_key, state="failed", reason=str(exc))
+            return 1
+        with self.store.transaction() as db:
+            if not self.store.transition(db, study, StudyState.REPORTED,
+                                         reason=f"draft SR {'supersedes an earlier draft' if earlier else 'built'}"):
+                return 0
+            db.execute(
+                """INSERT OR IGNORE INTO reports (sr_uid, study_uid, revision, job_id, path,
+                   supersedes, demo, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (ds.SOPInstanceUID, study.study_uid, study.revision, job["id"], str(path),
+                 earlier["path"] if earlier else None, int(draft.model.demo), self.clock()))
+            self.outbox.enqueue(db, sr_uid=ds.SOPInstanceUID, study_uid=study.study_uid,
+                                destinations=[d.name for d in self.config.destinations])
+        log.info("study.state", study=study.study_key, revision=study.revision, state="reported",
+                 demo=draft.model.demo, destinations=len(self.config.destinations))
+        return 1

@@ -8,8 +8,9 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # The peers the tests talk to: Redis (broker), dcmtk (a modality), Orthanc (a PACS),
-# dicom3tools (the SR validator), Chromium (status page test), systemd-analyze (unit checks).
-PACKAGES="redis-server dcmtk orthanc dicom3tools iproute2 chromium systemd"
+# dicom3tools (the SR validator), openssl (test certificates), Chromium (status page test),
+# systemd-analyze (unit checks).
+PACKAGES="redis-server dcmtk orthanc dicom3tools iproute2 openssl chromium systemd"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -18,6 +18,7 @@ import pydicom
 import yaml
 
 STORESCU = "/usr/bin/storescu"
+REDIS_PASSWORD = "s3cret:/@x"  # characters that must be escaped in a URL
 
 # storescu's option that proposes each transfer syntax (it proposes uncompressed ones by default).
 PROPOSE = {
@@ -62,8 +63,10 @@ def write_config(directory: Path, **sections: Any) -> Path:
 class NodeProcess:
     """`cxr-node serve` in its own process group, with its JSON log captured to a file."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None,
+                 netns: str | None = None):
         self.config_path = config_path
+        self.netns = netns
         self.config = yaml.safe_load(config_path.read_text())
         self.port = self.config["node"]["port"]
         self.state_dir = Path(self.config["node"]["state_dir"])
@@ -72,11 +75,12 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> NodeProcess:
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr_node", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-        )
+        serve = [sys.executable, "-m", "cxr_node", "serve", "--config", str(self.config_path)]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                in_netns(self.netns, serve),
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            )
         if not wait_for(lambda: "node.ready" in self.log() or self.proc.poll() is not None,
                         timeout):
             raise TimeoutError(f"node did not start:\n{self.log()}")
@@ -125,6 +129,11 @@ class NodeProcess:
         self.kill()
 
 
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run inside the named network namespace (tests/pacs.py), or as is."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -150,7 +159,8 @@ SENDING = re.compile(r"Sending file: (.+)$")
 
 
 def storescu(port: int, files: Iterable[Path], aet: str = "MODALITY1", aec: str = "CXR_NODE",
-             host: str = "127.0.0.1", extra: Iterable[str] = ()) -> dict[str, str]:
+             host: str = "127.0.0.1", extra: Iterable[str] = (),
+             netns: str | None = None) -> dict[str, str]:
     """Send with dcmtk's storescu (a real modality client); answer {file: response text}.
 
     storescu exits 0 even when the node refused a file, so the per-file response is parsed.
@@ -158,16 +168,16 @@ def storescu(port: int, files: Iterable[Path], aet: str = "MODALITY1", aec: str 
     results: dict[str, str] = {}
     for option, group in storescu_args(files):
         out = run_storescu([option, *extra, "-aet", aet, "-aec", aec, host, str(port),
-                            *map(str, group)])
+                            *map(str, group)], netns=netns)
         results.update(parse_storescu(out))
         for f in group:
             results.setdefault(str(f), "no response")
     return results
 
 
-def run_storescu(args: list[str], timeout: float = 300) -> str:
-    done = subprocess.run([STORESCU, "-v", *args], capture_output=True, text=True,
-                          timeout=timeout)
+def run_storescu(args: list[str], timeout: float = 300, netns: str | None = None) -> str:
+    done = subprocess.run(in_netns(netns, [STORESCU, "-v", *args]), capture_output=True,
+                          text=True, timeout=timeout)
     return done.stdout + done.stderr
 
 
@@ -180,3 +190,40 @@ def parse_storescu(output: str) -> dict[str, str]:
             results[current] = m.group(1)
             current = None
     return results
+
+
+class WorkerProcess:
+    """`cxr-node worker` in its own process group (a GPU host's worker, here on the CPU)."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None, name: str = "w1"):
+        self.config_path = config_path
+        self.log_path = config_path.parent / f"worker-{name}-{int(time.time() * 1000)}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cxr_node", "worker", "--config", str(self.config_path),
+                 "--hostname", f"{self.name}@test"],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes: a GPU host that lost power."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -1,0 +1,294 @@
+"""Queue: hand stable studies to the GPU workers through Celery, and take their drafts back.
+
+Only pixels and view names leave the node (workers.payload): no names, IDs, dates or UIDs. The
+request id is the job's row id. A job is written (``pending``) before its task is sent, and marked
+``queued`` after, so a crash in between sends it again on restart (a duplicate draft is harmless:
+the first result for a job wins, and the SR's UIDs depend on the inputs, not on the run).
+
+Batching: at most ``queue.max_in_flight`` tasks are outstanding; while they run, stable studies
+wait, and the next task takes up to ``queue.batch_size`` of them into one ``generate`` call.
+
+Lost work: a task with no result after ``queue.result_timeout_seconds`` (a worker killed with its
+message, a broker restart), a failed task, or a draft the local worker was running when it died is
+submitted again as a new attempt, up to ``queue.max_attempts``; then the study fails with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from celery import Celery
+
+from cxr_node.assemble import route
+from cxr_node.config import Config
+from cxr_node.imaging import Candidate, ImagingError, View, prepare, select_images
+from cxr_node.store import Store, Study, StudyState
+from workers.payload import TASK_NAME, DraftRequest, encode_image
+
+log = structlog.get_logger("cxr_node.queue")
+
+IN_FLIGHT = ("queued", "drafting")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the model is given for one study: the chosen images, and why others were left out."""
+
+    images: list[dict[str, str]]  # sop_instance_uid, sha256, view, path
+    dropped: list[list[str]]
+
+    def key(self) -> list[tuple[str, str]]:
+        return sorted((i["sop_instance_uid"], i["sha256"]) for i in self.images)
+
+    def to_json(self) -> str:
+        return json.dumps({"images": self.images, "dropped": self.dropped})
+
+    @classmethod
+    def from_json(cls, text: str) -> Inputs:
+        data = json.loads(text)
+        return cls(images=data["images"], dropped=data["dropped"])
+
+
+class DraftQueue:
+    """The queue stage: stable -> queued -> drafting -> drafted (or failed with a reason)."""
+
+    def __init__(self, config: Config, store: Store, app: Celery | None = None,
+                 clock: Callable[[], float] = time.time):
+        from workers.app import make_celery
+
+        self.config = config
+        self.store = store
+        self.app = app or make_celery(config)
+        self.clock = clock
+        self._pixels: dict[int, list[Any]] = {}  # job id -> prepared images, until sent
+
+    def step(self) -> int:
+        return self._collect() + self._expire() + self._claim() + self._send()
+
+    # --- stable -> queued ----------------------------------------------------------------------
+
+    def _claim(self) -> int:
+        q = self.config.queue
+        in_flight = self.store.db.execute(
+            f"SELECT COUNT(DISTINCT task_id) FROM jobs WHERE state IN {IN_FLIGHT}").fetchone()[0]
+        pending = self.store.db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
+        room = (q.max_in_flight - in_flight) * q.batch_size - pending
+        studies = sorted(self.store.studies([StudyState.STABLE]), key=lambda s: s.state_changed_at)
+        claimed = 0
+        for study in studies[: max(room, 0)]:
+            claimed += self._claim_one(study)
+        return claimed
+
+    def _claim_one(self, study: Study) -> int:
+        eligible = route(self.store.instances(study.study_uid), self.config.study.rules).eligible
+        by_uid = {row["sop_instance_uid"]: row for row in eligible}
+        candidates = [Candidate(row["sop_instance_uid"], Path(row["path"]), View(row["view"]),
+                                row["instance_number"]) for row in eligible]
+        try:
+            selection = select_images(candidates, self.config.model.image_size,
+                                      self.config.model.max_images)
+        except ImagingError as exc:
+            return self._fail(study, f"no usable image: {exc}")
+        inputs = Inputs(
+            images=[{"sop_instance_uid": img.sop_instance_uid, "view": img.view.value,
+                     "sha256": by_uid[img.sop_instance_uid]["sha256"],
+                     "path": by_uid[img.sop_instance_uid]["path"]} for img in selection.images],
+            dropped=[list(d) for d in selection.dropped],
+        )
+        earlier = self._reported_inputs(study)
+        with self.store.transaction() as db:
+            if earlier is not None and earlier[0].key() == inputs.key():
+                moved = self.store.transition(db, study, earlier[1], reason=(
+                    "new instance does not change what the model reads; the earlier draft stands"))
+                return int(moved)
+            if not self.store.transition(db, study, StudyState.QUEUED,
+                                         reason=f"{len(inputs.images)} image(s) to draft"):
+                return 0
+            job_id = self._new_job(db, study, attempt=1, inputs=inputs)
+        self._pixels[job_id] = selection.images
+        log.info("study.state", study=study.study_key, revision=study.revision, state="queued",
+                 images=[i["view"] for i in inputs.images], dropped=len(inputs.dropped))
+        return 1
+
+    def _reported_inputs(self, study: Study) -> tuple[Inputs, StudyState] | None:
+        """Inputs of the study's newest report, and the state that report had reached."""
+        row = self.store.db.execute(
+            """SELECT j.inputs, r.sr_uid, r.revision FROM reports r JOIN jobs j ON j.id = r.job_id
+               WHERE r.study_uid = ? ORDER BY r.revision DESC LIMIT 1""", (study.study_uid,)).fetchone()
+        if row is None:
+            return None
+        undelivered = self.store.db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE sr_uid = ? AND state != 'delivered'",
+            (row["sr_uid"],)).fetchone()[0]
+        sent = self.config.destinations and not undelivered
+        return Inputs.from_json(row["inputs"]), StudyState.SENT if sent else StudyState.REPORTED
+
+    def _new_job(self, db: sqlite3.Connection, study: Study, attempt: int, inputs: Inputs) -> int:
+        cur = db.execute(
+            """INSERT INTO jobs (study_uid, revision, attempt, state, task_id, inputs, created_at)
+               VALUES (?, ?, ?, 'pending', '', ?, ?)""",
+            (study.study_uid, study.revision, attempt, inputs.to_json(), self.clock()))
+        return int(cur.lastrowid)
+
+    # --- pending -> sent to the broker ---------------------------------------------------------
+
+    def _send(self) -> int:
+        jobs = self.store.db.execute(
+            "SELECT * FROM jobs WHERE state = 'pending' ORDER BY id").fetchall()
+        size = self.config.queue.batch_size
+        for start in range(0, len(jobs), size):
+            self._send_batch(jobs[start:start + size])
+        return len(jobs)
+
+    def _send_batch(self, jobs: Sequence[sqlite3.Row]) -> None:
+        requests, sendable = [], []
+        for job in jobs:
+            try:
+                requests.append(self._request(job).to_dict())
+                sendable.append(job)
+            except ImagingError as exc:
+                self._finish(job, None, f"image no longer readable: {exc}")
+        if not requests:
+            return
+        task_id = str(uuid.uuid4())
+        self.app.send_task(TASK_NAME, args=[requests], task_id=task_id,
+                           queue=self.config.queue.name)
+        now = self.clock()
+        with self.store.transaction() as db:
+            for job in sendable:
+                db.execute("UPDATE jobs SET state = 'queued', task_id = ?, submitted_at = ? "
+                           "WHERE id = ? AND state = 'pending'", (task_id, now, job["id"]))
+        log.info("draft.submitted", task=task_id, studies=len(sendable))
+
+    def _request(self, job: sqlite3.Row) -> DraftRequest:
+        inputs = Inputs.from_json(job["inputs"])
+        max_side = self.config.model.image_size
+        prepared = self._pixels.pop(job["id"], None)
+        pixels = ([img.pixels for img in prepared] if prepared is not None
+                  else [prepare(Path(i["path"]), max_side) for i in inputs.images])
+        images = tuple(encode_image(p, i["view"], max_side) for p, i in zip(pixels, inputs.images))
+        indication = self._indication(inputs) if self.config.model.send_indication else None
+        return DraftRequest(request_id=f"job-{job['id']}", images=images, indication=indication)
+
+    @staticmethod
+    def _indication(inputs: Inputs) -> str | None:
+        """The reason for the request, from the frontal image's header, when configured to send it."""
+        import pydicom
+
+        ds = pydicom.dcmread(inputs.images[0]["path"], stop_before_pixels=True, force=True)
+        requests = ds.get("RequestAttributesSequence") or []
+        for source in [*requests, ds]:
+            value = source.get("ReasonForTheRequestedProcedure")
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        return None
+
+    # --- results -------------------------------------------------------------------------------
+
+    def _collect(self) -> int:
+        tasks: dict[str, list[sqlite3.Row]] = defaultdict(list)
+        for job in self.store.db.execute(f"SELECT * FROM jobs WHERE state IN {IN_FLIGHT}"):
+            tasks[job["task_id"]].append(job)
+        done = 0
+        for task_id, jobs in tasks.items():
+            result = self.app.AsyncResult(task_id)
+            state = result.state
+            if state == "STARTED":
+                self._started([j for j in jobs if j["state"] == "queued"])
+            elif state == "SUCCESS":
+                by_id = {r.get("request_id"): r for r in result.result or [] if isinstance(r, dict)}
+                for job in jobs:
+                    answer = by_id.get(f"job-{job['id']}")
+                    self._finish(job, answer, None if answer else "worker returned no result for it")
+                result.forget()
+                done += len(jobs)
+            elif state == "FAILURE":
+                reason = f"draft task failed: {type(result.result).__name__}: {result.result}"[:300]
+                for job in jobs:
+                    self._retry(job, reason)
+                result.forget()
+                done += len(jobs)
+        return done
+
+    def _started(self, jobs: Sequence[sqlite3.Row]) -> None:
+        now = self.clock()
+        with self.store.transaction() as db:
+            for job in jobs:
+                db.execute("UPDATE jobs SET state = 'drafting', started_at = ? WHERE id = ?",
+                           (now, job["id"]))
+                study = self._study_at(job, StudyState.QUEUED)
+                if study:
+                    self.store.transition(db, study, StudyState.DRAFTING, now=now)
+
+    def _finish(self, job: sqlite3.Row, result: dict[str, Any] | None, problem: str | None) -> None:
+        """Record a job's outcome; only the study's current revision moves on."""
+        now = self.clock()
+        ok = result is not None and result.get("ok") is True
+        reason = problem or (None if ok else str((result or {}).get("reason") or "draft failed"))
+        study = self._study_at(job, StudyState.QUEUED, StudyState.DRAFTING)
+        with self.store.transaction() as db:
+            state = ("done" if ok else "failed") if study else "superseded"
+            db.execute("UPDATE jobs SET state = ?, result = ?, reason = ?, finished_at = ? "
+                       "WHERE id = ?", (state, json.dumps(result) if result else None, reason,
+                                        now, job["id"]))
+            if study:
+                to = StudyState.DRAFTED if ok else StudyState.FAILED
+                self.store.transition(db, study, to, reason=None if ok else reason, now=now)
+        log.info("draft.finished", job=job["id"], outcome=state, reason=reason)
+
+    def _study_at(self, job: sqlite3.Row, *states: StudyState) -> Study | None:
+        study = self.store.study(job["study_uid"])
+        if study and study.revision == job["revision"] and study.state in states:
+            return study
+        return None
+
+    # --- lost or failed tasks ------------------------------------------------------------------
+
+    def _expire(self) -> int:
+        deadline = self.clock() - self.config.queue.effective_result_timeout
+        lost = self.store.db.execute(
+            f"SELECT * FROM jobs WHERE state IN {IN_FLIGHT} AND submitted_at < ?",
+            (deadline,)).fetchall()
+        for job in lost:
+            self._retry(job, f"no result after {self.config.queue.effective_result_timeout} s")
+        return len(lost)
+
+    def requeue_running(self, reason: str) -> int:
+        """The worker that held these drafts is gone (the local worker died or restarted)."""
+        jobs = self.store.db.execute("SELECT * FROM jobs WHERE state = 'drafting'").fetchall()
+        for job in jobs:
+            self._retry(job, reason)
+        return len(jobs)
+
+    def _retry(self, job: sqlite3.Row, reason: str) -> None:
+        study = self._study_at(job, StudyState.QUEUED, StudyState.DRAFTING)
+        with self.store.transaction() as db:
+            cur = db.execute("UPDATE jobs SET state = 'lost', reason = ?, finished_at = ? "
+                             "WHERE id = ? AND state IN ('queued', 'drafting')",
+                             (reason, self.clock(), job["id"]))
+            if not cur.rowcount or study is None:
+                return
+            if job["attempt"] >= self.config.queue.max_attempts:
+                self.store.transition(db, study, StudyState.FAILED,
+                                      reason=f"{reason}; gave up after {job['attempt']} attempts")
+            else:
+                if study.state == StudyState.DRAFTING:
+                    self.store.transition(db, study, StudyState.QUEUED,
+                                          reason=f"{reason}; attempt {job['attempt'] + 1}")
+                self._new_job(db, study, job["attempt"] + 1, Inputs.from_json(job["inputs"]))
+        log.warning("draft.retry", job=job["id"], attempt=job["attempt"], reason=reason)
+
+    def _fail(self, study: Study, reason: str) -> int:
+        moved = self.store.move(study, StudyState.FAILED, reason)
+        if moved:
+            log.warning("study.state", study=study.study_key, state="failed", reason=reason)
+        return int(moved)

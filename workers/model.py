@@ -1,0 +1,575 @@
+"""Loading a vision-language model from a local folder, and drafting reports with it in batches.
+
+The model is read from disk only: a worker never downloads anything, and a folder that is missing
+or half-copied stops it with a message naming the folder and the missing part. One `draft` call is
+one batched `generate`: a batch costs about the time of its longest report, not the sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers / huggingface_hub are imported: they read these once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import structlog  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+from cxr_node.config import ModelConfig  # noqa: E402
+from workers.payload import (  # noqa: E402
+    MAX_INDICATION_CHARS,
+    DraftRequest,
+    PayloadError,
+    TransientDraftError,
+    parse_report,
+    request_id_of,
+)
+
+log = structlog.get_logger(__name__)
+
+MANIFEST_NAME = "cxr-model.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_PARTIAL_HASH_BYTES = 1 << 20  # files above 2 MiB are fingerprinted by size + first and last MiB
+
+# bitsandbytes 8-bit matmul on CPU casts fp32 to fp16 and says so on every call.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class ModelLoadError(Exception):
+    """The model folder, adapter or settings cannot give a working model; retrying will not help."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What differs between model families, keyed by config.json's model_type."""
+
+    model_type: str
+    vision_modules: tuple[str, ...]  # vision encoder + projector, kept unquantized with lm_head
+    letterbox: bool  # the processor squashes or crops to a fixed square
+    max_images: int | None = None
+
+
+_SIGLIP_STYLE = ("model.vision_tower", "model.multi_modal_projector")
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("gemma3", _SIGLIP_STYLE, letterbox=True),  # MedGemma
+        Architecture("llava", _SIGLIP_STYLE, letterbox=True),  # CLIP centre-crops
+        Architecture("paligemma", _SIGLIP_STYLE, letterbox=True, max_images=1),
+        Architecture("idefics3", ("model.vision_model", "model.connector"), letterbox=True),
+        Architecture("qwen2_vl", ("model.visual",), letterbox=False),  # native aspect ratio
+        Architecture("qwen2_5_vl", ("model.visual",), letterbox=False),
+    )
+}
+
+VIEW_WORDS = {"PA": "PA", "AP": "AP", "LATERAL": "lateral", "UNKNOWN": "unspecified"}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the SR names as the algorithm; `fingerprint` changes with weights, adapter or prompt."""
+
+    name: str
+    version: str
+    architecture: str
+    quantization: str
+    adapter: str | None
+    fingerprint: str
+    demo: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ModelLoadError naming everything a loadable model folder lacks."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model folder {model_dir} does not exist or is not a folder")
+    names = {p.name for p in model_dir.iterdir() if p.is_file()}
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        missing.append("weights (*.safetensors or *.bin)")
+    for index in (n for n in names if n.endswith(".index.json")):
+        try:
+            shards = set(json.loads((model_dir / index).read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            raise ModelLoadError(f"model folder {model_dir}: {index} is not a readable weight index") from None
+        missing += [f"{shard} (listed in {index})" for shard in sorted(shards - names)]
+    if not names & {"processor_config.json", "preprocessor_config.json"}:
+        missing.append("processor_config.json or preprocessor_config.json")
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
+        missing.append("tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    if missing:
+        raise ModelLoadError(f"model folder {model_dir} is incomplete: missing {', '.join(missing)}")
+
+
+def check_adapter_dir(adapter_dir: Path) -> None:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ModelLoadError(f"adapter folder {adapter_dir} does not exist or is not a folder")
+    missing = []
+    if not (adapter_dir / "adapter_config.json").is_file():
+        missing.append("adapter_config.json")
+    if not any((adapter_dir / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        missing.append("adapter_model.safetensors")
+    if missing:
+        raise ModelLoadError(f"adapter folder {adapter_dir} is incomplete: missing {', '.join(missing)}")
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= 2 * _PARTIAL_HASH_BYTES:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_PARTIAL_HASH_BYTES))
+            f.seek(-_PARTIAL_HASH_BYTES, os.SEEK_END)
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _folder_digest(folder: Path, label: str) -> list[Any]:
+    return [
+        [label, p.name, p.stat().st_size, _file_digest(p)]
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    ]
+
+
+def _digest(parts: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(config: ModelConfig, model_dir: Path) -> str:
+    """sha256 over the model's and adapter's files, the prompt, quantization and generation settings.
+
+    Large files count by name, size and their first and last MiB, so a multi-GB checkpoint is
+    fingerprinted in milliseconds; small files (config, tokenizer, chat template) count whole.
+    """
+    parts: list[Any] = _folder_digest(Path(model_dir), "model")
+    if config.adapter is not None:
+        parts += _folder_digest(Path(config.adapter), "adapter")
+    parts.append(
+        {
+            "prompt": config.prompt,
+            "quantization": config.quantization,
+            "generation": config.generation.model_dump(mode="json"),
+        }
+    )
+    return _digest(parts)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The optional cxr-model.json: {"name": str, "version": str, "demo": bool}, each optional."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON ({exc})") from None
+    types = {"name": str, "version": str, "demo": bool}
+    if not isinstance(data, dict) or set(data) - set(types):
+        raise ModelLoadError(f"{path} must be an object with only the keys name, version, demo")
+    for key, kind in types.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ModelLoadError(f"{path}: {key!r} must be a {kind.__name__}, got {data[key]!r}")
+    return data
+
+
+def model_identity(config: ModelConfig, model_dir: Path, architecture: str) -> ModelIdentity:
+    model_dir = Path(model_dir)
+    digest = fingerprint(config, model_dir)
+    manifest = read_manifest(model_dir)
+    adapter = None
+    if config.adapter is not None:
+        adapter_dir = Path(config.adapter)
+        adapter_manifest = read_manifest(adapter_dir)
+        version = adapter_manifest.get("version") or _digest(_folder_digest(adapter_dir, "adapter"))[:12]
+        adapter = f"{adapter_manifest.get('name', adapter_dir.resolve().name)}@{version}"
+    return ModelIdentity(
+        name=manifest.get("name", model_dir.resolve().name),
+        version=manifest.get("version", digest[:12]),
+        architecture=architecture,
+        quantization=config.quantization,
+        adapter=adapter,
+        fingerprint=digest,
+        demo=manifest.get("demo", False),
+    )
+
+
+def resolve_device(config: ModelConfig) -> str:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise ModelLoadError(f"model.device is cuda but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES={visible})")
+    return "cuda:0"  # CUDA_VISIBLE_DEVICES picks the GPU: one worker per GPU
+
+
+def resolve_dtype(config: ModelConfig, device: str) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.dtype]
+
+
+def quantization_config(config: ModelConfig, arch: Architecture, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings; the vision encoder, projector and lm_head stay in `dtype`.
+
+    They are a small share of the weights and the most sensitive to rounding: what the model
+    sees of the image should not be blurred to save a few hundred MB.
+    """
+    skip = [*arch.vision_modules, "lm_head"]
+    if config.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
+    if config.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return None
+
+
+@functools.cache
+def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` without its video processor, under the same name (so it saves the same).
+
+    transformers 5 builds every sub-processor a VL processor declares, and video processors need
+    torchvision, which this product cannot install next to the CPU torch wheel (Qwen2-VL,
+    Qwen2.5-VL; transformers issue #48558). Reports only need images.
+    """
+
+    class ImageOnly(processor_class):  # type: ignore[valid-type, misc]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [a for a in super().get_attributes() if a != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
+    return ImageOnly
+
+
+def _declared_processor_class(model_dir: Path) -> type[ProcessorMixin] | None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            declared = json.loads(path.read_text()).get("processor_class")
+            found = getattr(transformers, declared, None) if isinstance(declared, str) else None
+            if isinstance(found, type) and issubclass(found, ProcessorMixin):
+                return found
+    return None
+
+
+def load_processor(model_dir: Path) -> ProcessorMixin:
+    """AutoProcessor, or the declared processor without video support when that cannot be built."""
+    try:
+        return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ImportError, ValueError, AttributeError) as exc:
+        declared = _declared_processor_class(model_dir)
+        if declared is None or "video_processor" not in declared.get_attributes():
+            raise
+        log.info("loading the processor without video support", processor=declared.__name__, cause=str(exc)[:200])
+        return image_only_processor_class(declared).from_pretrained(model_dir, local_files_only=True)
+
+
+def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
+    """Load processor, weights (quantized as configured) and the optional LoRA adapter."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    if config.adapter is not None:
+        check_adapter_dir(config.adapter)
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise ModelLoadError(f"{model_dir / 'config.json'} is not a readable model configuration") from None
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise ModelLoadError(
+            f"{model_dir}: architecture {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave half the cores to the node (receivers, SQLite); on a busy 2-core machine two
+        # threads made a small model's generate 5-10x slower than one.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    started = time.perf_counter()
+    try:
+        processor = load_processor(model_dir)
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            dtype=dtype,
+            quantization_config=quantization_config(config, arch, dtype),
+            device_map={"": device},
+        )
+        if config.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(config.adapter), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load the model in {model_dir}: {exc}") from exc
+    if processor.chat_template is None and getattr(processor, "image_token", None) is None:
+        raise ModelLoadError(f"{model_dir}: the processor has neither a chat template nor an image token")
+    processor.tokenizer.padding_side = "left"  # decoder-only batching: prompts end where text starts
+    identity = model_identity(config, model_dir, arch.model_type)
+    log.info(
+        "model loaded",
+        model=identity.name,
+        version=identity.version,
+        architecture=arch.model_type,
+        quantization=config.quantization,
+        adapter=identity.adapter,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return ReportModel(model.eval(), processor, arch, identity, config, device)
+
+
+def letterbox(image: Image.Image) -> Image.Image:
+    """Centre a grayscale image on a black square, so a square-input processor keeps its shape."""
+    if image.width == image.height:
+        return image
+    side = max(image.size)
+    canvas = Image.new(image.mode, (side, side), 0)
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
+
+
+def views_phrase(views: Sequence[str]) -> str:
+    words = [VIEW_WORDS[v] for v in views]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+@dataclass
+class _Prepared:
+    request_id: str
+    text: str
+    images: list[Image.Image]
+    notes: list[str]
+
+
+class ReportModel:
+    """A loaded model with its processor; `draft` turns DraftRequest dicts into DraftResult dicts."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        arch: Architecture,
+        identity: ModelIdentity,
+        config: ModelConfig,
+        device: str,
+    ):
+        self.model = model
+        self.processor = processor
+        self.arch = arch
+        self.identity = identity
+        self.config = config
+        self.device = device
+        self.hostname = socket.gethostname()
+        self.max_images = min(config.max_images, arch.max_images or config.max_images)
+        self._eos_ids = self._end_token_ids()
+
+    def _end_token_ids(self) -> list[int]:
+        """Every id that ends a turn: the generation config's, the tokenizer's EOS."""
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        eos = self.processor.tokenizer.eos_token_id
+        ids = sorted({*ids, *([eos] if eos is not None else [])})
+        if not ids:
+            raise ModelLoadError(f"{self.identity.name}: neither the generation config nor the tokenizer names an end token")
+        return ids
+
+    def draft(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """One result per request, in order; one batched generate for all requests that can run.
+
+        A bad request fails alone (ok=false with a reason). GPU out of memory raises
+        TransientDraftError for the whole batch, so the task is retried.
+        """
+        prepared: list[_Prepared | dict[str, Any]] = []
+        for raw in requests:
+            try:
+                prepared.append(self._prepare(raw))
+            except PayloadError as exc:
+                prepared.append({"request_id": request_id_of(raw), "reason": str(exc)})
+        runnable = [p for p in prepared if isinstance(p, _Prepared)]
+        texts: list[str] = []
+        counts: list[int] = []
+        seconds = 0.0
+        if runnable:
+            texts, counts, seconds = self._generate(runnable)
+        timings = {
+            "generate_seconds": round(seconds, 4),
+            "batch_size": len(runnable),
+            "worker": self.hostname,
+            "device": self.device,
+        }
+        generated = iter(zip(texts, counts, strict=True))
+        results = []
+        for item in prepared:
+            if isinstance(item, _Prepared):
+                text, count = next(generated)
+                results.append(self._result(item.request_id, text, item.notes, {**timings, "new_tokens": count}))
+            else:
+                results.append(
+                    self._failure(item["request_id"], item["reason"], "", [], {**timings, "new_tokens": 0})
+                )
+        log.info(
+            "draft batch",
+            requests=len(requests),
+            generated=len(runnable),
+            failed=sum(not r["ok"] for r in results),
+            seconds=timings["generate_seconds"],
+            new_tokens=sum(counts),
+        )
+        return results
+
+    def _prepare(self, raw: Any) -> _Prepared:
+        request = DraftRequest.from_dict(raw)
+        notes: list[str] = []
+        images = list(request.images)
+        for dropped in images[self.max_images :]:
+            notes.append(
+                f"{VIEW_WORDS[dropped.view]} image dropped: {self.arch.model_type} takes "
+                f"{'one image' if self.max_images == 1 else f'{self.max_images} images'}"
+            )
+        images = images[: self.max_images]
+        pixels = []
+        for image in images:
+            decoded = image.decode()
+            if max(decoded.size) > self.config.image_size:
+                decoded.thumbnail((self.config.image_size, self.config.image_size), Image.Resampling.LANCZOS)
+                notes.append(f"{VIEW_WORDS[image.view]} image scaled down to {self.config.image_size} px")
+            pixels.append((letterbox(decoded) if self.arch.letterbox else decoded).convert("RGB"))
+        indication = ""
+        if request.indication and request.indication.strip():
+            if self.config.send_indication:
+                clean = " ".join(request.indication.split())[:MAX_INDICATION_CHARS]
+                indication = f"Indication: {clean}\n "
+            else:  # this worker is set not to read free text (it may hold PHI)
+                notes.append("indication ignored: model.send_indication is off on the worker")
+        prompt = self.config.prompt.format(views=views_phrase([i.view for i in images]), indication=indication)
+        return _Prepared(request.request_id, self._render(prompt, len(pixels)), pixels, notes)
+
+    def _render(self, prompt: str, n_images: int) -> str:
+        """The prompt in the model's own conversation format, with one image slot per image."""
+        if self.processor.chat_template is not None:
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # PaliGemma style: image tokens first; the processor adds BOS after them.
+        return self.processor.image_token * n_images + prompt
+
+    def model_inputs(self, requests: Sequence[Mapping[str, Any]]) -> BatchFeature:
+        """The tensors the model sees for valid `requests` (raises PayloadError for a bad one)."""
+        return self._encode([self._prepare(r) for r in requests])
+
+    def _encode(self, batch: list[_Prepared]) -> BatchFeature:
+        inputs = self.processor(
+            text=[p.text for p in batch],
+            images=[p.images for p in batch],
+            padding=True,
+            return_tensors="pt",
+        )
+        inputs.pop("labels", None)  # PaliGemma's processor adds training labels
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _generate(self, batch: list[_Prepared]) -> tuple[list[str], list[int], float]:
+        g = self.config.generation
+        tokenizer = self.processor.tokenizer
+        inputs = self._encode(batch)
+        sampling = {"temperature": g.temperature, "top_p": g.top_p} if g.do_sample else {
+            "temperature": None, "top_p": None, "top_k": None
+        }
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_ids[0]
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=g.max_new_tokens,
+                    min_new_tokens=g.min_new_tokens,
+                    num_beams=g.num_beams,
+                    do_sample=g.do_sample,
+                    repetition_penalty=g.repetition_penalty,
+                    no_repeat_ngram_size=g.no_repeat_ngram_size,
+                    pad_token_id=pad,
+                    eos_token_id=self._eos_ids,
+                    **sampling,
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise TransientDraftError(f"GPU out of memory drafting a batch of {len(batch)}") from exc
+        seconds = time.perf_counter() - started
+        new = output[:, inputs["input_ids"].shape[1] :].tolist()
+        texts, counts = [], []
+        stop = {*self._eos_ids, pad}
+        for row in new:
+            end = next((i for i, t in enumerate(row) if t in stop), len(row))
+            texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+            counts.append(end)
+        return texts, counts, seconds
+
+    def _result(self, request_id: str, text: str, notes: list[str], timings: dict[str, Any]) -> dict[str, Any]:
+        parsed = parse_report(text)
+        if not parsed.ok:
+            return self._failure(request_id, parsed.reason or "", text, [*notes, *parsed.notes], timings)
+        return {
+            "request_id": request_id,
+            "ok": True,
+            "findings": parsed.findings,
+            "impression": parsed.impression,
+            "reason": None,
+            "text": text,
+            "notes": [*notes, *parsed.notes],
+            "model": self.identity.to_dict(),
+            "timings": timings,
+        }
+
+    def _failure(
+        self, request_id: str, reason: str, text: str, notes: list[str], timings: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "ok": False,
+            "findings": "",
+            "impression": "",
+            "reason": reason,
+            "text": text,
+            "notes": notes,
+            "model": self.identity.to_dict(),
+            "timings": timings,
+        }
