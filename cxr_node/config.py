@@ -78,6 +78,10 @@ class TLSConfig(_Section):
 
     certificate: ConfigPath = Field(description="this node's certificate chain (PEM)")
     private_key: ConfigPath = Field(description="its private key (PEM, readable by the node only)")
+    private_key_credential: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="systemd credential holding the key (LoadCredential=NAME:private_key); "
+                    "read from $CREDENTIALS_DIRECTORY when the service has it")
     ca_certificates: ConfigPath | None = Field(
         None, description="CA bundle that peer certificates must chain to"
     )

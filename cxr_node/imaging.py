@@ -12,7 +12,6 @@ Every failure caused by the input (a corrupt codestream, a truncated file, a col
 from __future__ import annotations
 
 import enum
-import io
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -332,14 +331,6 @@ def prepare(path: Path, max_side: int) -> np.ndarray:
         if _displays_inverted(ds):
             unit = 1.0 - unit
     return _shrink(unit, max_side)
-
-
-def to_png(pixels: np.ndarray) -> bytes:
-    """Encode model pixels as an 8-bit grayscale PNG: lossless, compact, read by every processor."""
-    _check_model_pixels(pixels)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @contextmanager

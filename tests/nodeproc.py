@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -90,6 +91,18 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def db(self, sql: str, *args: object) -> list[sqlite3.Row]:
+        """Rows from the node's state database (read while the node runs, or after)."""
+        conn = sqlite3.connect(self.state_dir / "cxr-node.sqlite3")
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def states(self) -> list[str]:
+        return [r["state"] for r in self.db("SELECT state FROM studies ORDER BY first_received_at")]
 
     def events(self, name: str) -> list[dict[str, Any]]:
         import json

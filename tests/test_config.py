@@ -94,3 +94,13 @@ def test_config_check_command(tmp_path: Path):
     done = subprocess.run([sys.executable, "-m", "cxr_node", "status", "--config", str(missing)],
                           capture_output=True, text=True)
     assert done.returncode == 2 and f"{missing}: cannot read the configuration file" in done.stderr
+
+
+def test_readme_reference_matches_the_code():
+    """The README's key table is generated from the models; regenerate it when a key changes."""
+    from cxr_node.config import reference
+
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- reference:start -->\n", "<!-- reference:end -->"
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == reference(), "run: cxr-node config reference, and paste it into README.md"

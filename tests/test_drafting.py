@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -24,19 +23,6 @@ from cxr_node.config import BROKER_PASSWORD_ENV
 from workers.demo import build_demo_model
 
 pytestmark = pytest.mark.slow
-
-
-def db(node: NodeProcess, sql: str, *args: object) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(node.state_dir / "cxr-node.sqlite3")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
-
-
-def study_states(node: NodeProcess) -> list[str]:
-    return [r["state"] for r in db(node, "SELECT state FROM studies")]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +46,7 @@ def test_single_machine_default_drafts_a_real_chest_xray(tmp_path: Path, cxr_dir
     images = [cxr_dir / "CR-MONO1-10-chest.dcm", cxr_dir / "RG1_J2KI.dcm"]
     with NodeProcess(config) as node:
         assert set(storescu(node.port, images).values()) == {"Success"}
-        assert wait_for(lambda: study_states(node) == ["sent", "sent"], 180), node.log()[-4000:]
+        assert wait_for(lambda: node.states() == ["sent", "sent"], 180), node.log()[-4000:]
     assert (node.state_dir / "models" / "demo" / "cxr-model.json").is_file()
     out = sorted((tmp_path / "sr-out").glob("*.dcm"))
     assert len(out) == 2
@@ -74,7 +60,7 @@ def test_single_machine_default_drafts_a_real_chest_xray(tmp_path: Path, cxr_dir
         texts = [item.TextValue for section in sr.ContentSequence
                  for item in getattr(section, "ContentSequence", []) if "TextValue" in item]
         assert "DEMO MODEL — not a clinical report" in texts
-    history = [r["state"] for r in db(node, "SELECT state FROM transitions ORDER BY id")]
+    history = [r["state"] for r in node.db("SELECT state FROM transitions ORDER BY id")]
     for state in ("receiving", "stable", "queued", "drafted", "reported", "sent"):
         assert state in history
 
@@ -89,7 +75,7 @@ def test_redis_broker_and_a_separate_worker(tmp_path: Path, cxr_dir: Path, redis
     try:
         with NodeProcess(config, env=env) as node:
             assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {"Success"}
-            assert wait_for(lambda: study_states(node) == ["sent"], 120), worker.log()[-3000:]
+            assert wait_for(lambda: node.states() == ["sent"], 120), worker.log()[-3000:]
     finally:
         worker.stop()
     assert not (node.state_dir / "queue").exists()  # nothing of the embedded broker was used
@@ -111,14 +97,14 @@ def test_worker_killed_mid_draft_is_drafted_once_by_another(tmp_path: Path, cxr_
     try:
         with NodeProcess(config, env=env) as node:
             assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {"Success"}
-            assert wait_for(lambda: study_states(node) == ["drafting"], 120), first.log()[-3000:]
+            assert wait_for(lambda: node.states() == ["drafting"], 120), first.log()[-3000:]
             second.start()
             first.kill()
-            assert wait_for(lambda: study_states(node) == ["sent"], 150), second.log()[-3000:]
-            jobs = db(node, "SELECT attempt, state, reason FROM jobs ORDER BY id")
+            assert wait_for(lambda: node.states() == ["sent"], 150), second.log()[-3000:]
+            jobs = node.db("SELECT attempt, state, reason FROM jobs ORDER BY id")
             assert [(j["attempt"], j["state"]) for j in jobs] == [(1, "lost"), (2, "done")]
             assert "no result after 15 s" in jobs[0]["reason"]
-            assert len(db(node, "SELECT 1 FROM reports")) == 1
+            assert len(node.db("SELECT 1 FROM reports")) == 1
     finally:
         second.stop()
         first.kill()

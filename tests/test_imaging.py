@@ -43,7 +43,6 @@ from cxr_node.imaging import (
     View,
     prepare,
     select_images,
-    to_png,
     view_of,
 )
 
@@ -400,18 +399,6 @@ def test_monochrome2_with_presentation_lut_inverse_is_inverted(tmp_path: Path) -
     )
     row = prepare(path, MAX_SIDE)[0]
     assert row[0] == 255 and row[-1] == 0
-
-
-def test_to_png_round_trips_8_bit_grayscale(prepared: dict[str, np.ndarray]) -> None:
-    pixels = prepared[SMALL_CHEST]
-    image = Image.open(io.BytesIO(to_png(pixels)))
-    assert image.format == "PNG" and image.mode == "L"
-    np.testing.assert_array_equal(np.asarray(image), pixels)
-
-
-def test_to_png_rejects_non_model_pixels() -> None:
-    with pytest.raises(ValueError, match="2-D uint8"):
-        to_png(np.zeros((4, 4), dtype=np.uint16))
 
 
 # --- views ----------------------------------------------------------------------------------------

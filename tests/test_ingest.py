@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import socket
 import struct
 import subprocess
@@ -23,15 +22,6 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 pytestmark = pytest.mark.slow
 
 SUCCESS = "Success"
-
-
-def db_rows(node: NodeProcess, sql: str, *args: object) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(node.state_dir / "cxr-node.sqlite3")
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -71,10 +61,10 @@ def test_real_chest_xrays_are_stored_byte_identical_and_indexed(node: NodeProces
     assert results == {str(f): SUCCESS for f in files}, results
     for f in files:
         source = pydicom.dcmread(f, force=True, stop_before_pixels=True)
-        rows = db_rows(node, "SELECT * FROM instances WHERE sop_instance_uid = ? AND sha256 = ?",
+        rows = node.db("SELECT * FROM instances WHERE sop_instance_uid = ? AND sha256 = ?",
                        source.SOPInstanceUID, hashlib.sha256(dataset_bytes(f)).hexdigest())
         if not rows:  # dcmtk padded odd-length Pixel Data: same instance, one more byte
-            rows = db_rows(node, "SELECT * FROM instances WHERE sop_instance_uid = ?",
+            rows = node.db("SELECT * FROM instances WHERE sop_instance_uid = ?",
                            source.SOPInstanceUID)
         assert rows, f"{f.name} not indexed"
         stored = Path(rows[-1]["path"])
@@ -84,19 +74,19 @@ def test_real_chest_xrays_are_stored_byte_identical_and_indexed(node: NodeProces
         meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
         assert meta.SourceApplicationEntityTitle == "MODALITY1"
     # 966_fixed and 966_broken share one SOP Instance UID with different content: both kept, flagged
-    same_uid = db_rows(node, "SELECT conflict FROM instances WHERE sop_instance_uid = ? ORDER BY id",
+    same_uid = node.db("SELECT conflict FROM instances WHERE sop_instance_uid = ? ORDER BY id",
                        pydicom.dcmread(cxr_dir / "966_fixed.dcm", stop_before_pixels=True).SOPInstanceUID)
     assert [r["conflict"] for r in same_uid] == [0, 1]
     assert node.events("instance.conflict")
     # a second send of the same files stores nothing new
-    before = len(db_rows(node, "SELECT id FROM instances"))
+    before = len(node.db("SELECT id FROM instances"))
     assert set(storescu(node.port, files[:3]).values()) == {SUCCESS}
-    assert len(db_rows(node, "SELECT id FROM instances")) == before
+    assert len(node.db("SELECT id FROM instances")) == before
     assert len(node.events("instance.duplicate")) == 3
     # routing: chest studies stable, the hip, the tibia and the dog thorax skipped with reasons
-    states = {r["state"] for r in db_rows(node, "SELECT state FROM studies")}
-    wait_for(lambda: not db_rows(node, "SELECT 1 FROM studies WHERE state = 'receiving'"), 10)
-    skipped = {r["reason"] for r in db_rows(node, "SELECT reason FROM studies WHERE state = 'skipped'")}
+    states = {r["state"] for r in node.db("SELECT state FROM studies")}
+    wait_for(lambda: not node.db("SELECT 1 FROM studies WHERE state = 'receiving'"), 10)
+    skipped = {r["reason"] for r in node.db("SELECT reason FROM studies WHERE state = 'skipped'")}
     assert any("HIP" in r for r in skipped) and any("EXTREMITY" in r for r in skipped), (states, skipped)
     assert "PatientName" not in node.log() and "Anonymized" not in node.log()
 
@@ -117,7 +107,7 @@ def test_stored_bytes_are_exactly_the_bytes_sent(node: NodeProcess, cxr_dir: Pat
         _config.STORE_SEND_CHUNKED_DATASET = False
     for f in files:
         sha = hashlib.sha256(dataset_bytes(f)).hexdigest()
-        rows = db_rows(node, "SELECT path FROM instances WHERE sha256 = ?", sha)
+        rows = node.db("SELECT path FROM instances WHERE sha256 = ?", sha)
         assert len(rows) == 1, f.name
         assert dataset_bytes(Path(rows[0]["path"])) == dataset_bytes(f)
 
@@ -146,11 +136,10 @@ def test_four_modalities_at_once_store_every_instance_exactly_once(tmp_path: Pat
             responses.update(parse_storescu(out))
         assert set(responses) == {str(f) for f in files}
         assert set(responses.values()) == {SUCCESS}
-        rows = db_rows(node, "SELECT sop_instance_uid FROM instances")
+        rows = node.db("SELECT sop_instance_uid FROM instances")
         assert len(rows) == 200 and len({r[0] for r in rows}) == 200
         assert len(list((node.state_dir / "spool").rglob("*.dcm"))) == 200
-        assert wait_for(lambda: len(db_rows(
-            node, "SELECT 1 FROM studies WHERE state != 'receiving'")) == 40, 20)
+        assert wait_for(lambda: len(node.db("SELECT 1 FROM studies WHERE state != 'receiving'")) == 40, 20)
 
 
 def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, request):
@@ -174,25 +163,24 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, req
     with NodeProcess(config) as node:
         for f in acknowledged:
             uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-            rows = db_rows(node, "SELECT path, sha256 FROM instances WHERE sop_instance_uid = ?", uid)
+            rows = node.db("SELECT path, sha256 FROM instances WHERE sop_instance_uid = ?", uid)
             assert len(rows) == 1, f
             assert hashlib.sha256(dataset_bytes(Path(rows[0]["path"]))).hexdigest() == rows[0]["sha256"]
         assert not list((node.state_dir / "spool").rglob(".tmp-*")), "partial files left behind"
         # the modality retries the rest; every study completes normally
         assert set(storescu(node.port, files).values()) == {SUCCESS}
-        assert len(db_rows(node, "SELECT 1 FROM instances")) == len(files)
-        assert wait_for(lambda: len(db_rows(
-            node, "SELECT 1 FROM studies WHERE state != 'receiving'")) == 12, 20)
+        assert len(node.db("SELECT 1 FROM instances")) == len(files)
+        assert wait_for(lambda: len(node.db("SELECT 1 FROM studies WHERE state != 'receiving'")) == 12, 20)
 
 
 def test_restart_rebuilds_pending_study_timers(tmp_path: Path, cxr_dir: Path):
     config = write_config(tmp_path, study={"settle_seconds": 3})
     with NodeProcess(config) as node:
         assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {SUCCESS}
-    state = db_rows(node, "SELECT state FROM studies")
+    state = node.db("SELECT state FROM studies")
     assert [r["state"] for r in state] == ["receiving"]
     with NodeProcess(config) as node:
-        assert wait_for(lambda: db_rows(node, "SELECT state FROM studies")[0]["state"] != "receiving", 10)
+        assert wait_for(lambda: node.db("SELECT state FROM studies")[0]["state"] != "receiving", 10)
 
 
 def test_unknown_ae_or_address_is_rejected_with_a_logged_reason(tmp_path: Path, cxr_dir: Path):
@@ -208,7 +196,7 @@ def test_unknown_ae_or_address_is_rejected_with_a_logged_reason(tmp_path: Path, 
         assert any("'REMOTE' from 127.0.0.1" in r for r in reasons)
         assert any("called AE title 'WRONG'" in r for r in reasons)
         assert set(storescu(node.port, [f]).values()) == {SUCCESS}
-        assert len(db_rows(node, "SELECT 1 FROM instances")) == 1
+        assert len(node.db("SELECT 1 FROM instances")) == 1
 
 
 def test_bare_connects_and_garbage_do_not_lock_out_modalities(tmp_path: Path, cxr_dir: Path):
@@ -276,7 +264,7 @@ def test_corrupt_datasets_get_a_failure_status_and_land_in_quarantine(tmp_path: 
         quarantined = sorted((node.state_dir / "quarantine").glob("*.json"))
         assert len(quarantined) == 3
         assert all(q.with_suffix(".dcm").exists() for q in quarantined)
-        assert not db_rows(node, "SELECT 1 FROM instances")
+        assert not node.db("SELECT 1 FROM instances")
         # the node keeps serving
         assert set(storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"]).values()) == {SUCCESS}
 
@@ -285,7 +273,7 @@ def test_full_disk_answers_out_of_resources(tmp_path: Path, cxr_dir: Path):
     with NodeProcess(write_config(tmp_path, node={"min_free_disk_mb": 10**9})) as node:
         result = storescu(node.port, [cxr_dir / "CR-MONO1-10-chest.dcm"])
         assert list(result.values()) == ["Refused: OutOfResources"], result
-        assert not db_rows(node, "SELECT 1 FROM instances")
+        assert not node.db("SELECT 1 FROM instances")
         assert node.events("instance.refused")
 
 
