@@ -94,6 +94,23 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0 if count else 1
 
 
+def cmd_redraft(args: argparse.Namespace) -> int:
+    from cxr_node.store import Store, StudyState
+
+    store = Store(_config(args).database_path)
+    study = store.study(args.study)
+    if study is None:
+        print(f"no study {args.study!r}", file=sys.stderr)
+        return 2
+    if study.state not in (StudyState.FAILED, StudyState.SKIPPED):
+        print(f"study {study.study_key} is {study.state}; only failed or skipped studies are "
+              "drafted again", file=sys.stderr)
+        return 1
+    store.move(study, StudyState.STABLE, reason=f"drafted again by an administrator (was {study.state})")
+    print(f"study {study.study_key} queued for drafting again")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -165,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("requeue", cmd_requeue, "send dead-lettered reports again")
     p.add_argument("id", nargs="?", type=int, help="outbox row id (from `cxr-node outbox`)")
     p.add_argument("--all-failed", action="store_true", help="every dead-lettered report")
+    p = command("redraft", cmd_redraft, "draft a failed or skipped study again")
+    p.add_argument("study", help="study key (from `cxr-node status`) or Study Instance UID")
     p = command("show", cmd_show, "render a DICOM SR (ours or anyone's) as text", config=False)
     p.add_argument("file", type=Path)
     p.add_argument("--phi", action="store_true", help="also show patient name, ID and birth date")

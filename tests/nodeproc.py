@@ -20,6 +20,9 @@ import yaml
 
 STORESCU = "/usr/bin/storescu"
 REDIS_PASSWORD = "s3cret:/@x"  # characters that must be escaped in a URL
+# The demo model on the CPU, quick; its random weights repeat words unless told not to.
+DEMO_MODEL = {"device": "cpu", "quantization": "none", "image_size": 256,
+              "generation": {"max_new_tokens": 24, "no_repeat_ngram_size": 1}}
 
 # storescu's option that proposes each transfer syntax (it proposes uncompressed ones by default).
 PROPOSE = {

@@ -144,3 +144,25 @@ def test_database_is_private(tmp_path: Path):
     Store(tmp_path / "state" / "db.sqlite3")
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "state" / "db.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_redraft_command_reopens_only_failed_or_skipped_studies(tmp_path: Path):
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    config = tmp_path / "node.yaml"
+    config.write_text(f"node: {{state_dir: {state}}}\n")
+    store = Store(state / "cxr-node.sqlite3")
+    store.record_instance(record("1.1"))
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cxr_node", "redraft", "--config", str(config),
+                               store.study("1.2.3").study_key], capture_output=True, text=True)
+
+    assert run().returncode == 1  # still receiving
+    assert store.move(store.study("1.2.3"), StudyState.FAILED, "degenerate output")
+    done = run()
+    assert done.returncode == 0, done.stderr
+    study = store.study("1.2.3")
+    assert study.state == StudyState.STABLE and "by an administrator (was failed)" in study.reason

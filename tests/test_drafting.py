@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from dicomgen import write_study
 from nodeproc import (
+    DEMO_MODEL,
     REDIS_PASSWORD,
     NodeProcess,
     WorkerProcess,
@@ -33,8 +34,7 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def folder_config(tmp_path: Path, **sections: object) -> Path:
     defaults: dict[str, object] = {
         "study": {"settle_seconds": 1},
-        "model": {"device": "cpu", "quantization": "none", "image_size": 256,
-                  "generation": {"max_new_tokens": 24}},
+        "model": DEMO_MODEL,
         "destinations": [{"name": "folder", "folder": str(tmp_path / "sr-out")}],
     }
     return write_config(tmp_path, **{**defaults, **sections})
@@ -69,8 +69,7 @@ def test_redis_broker_and_a_separate_worker(tmp_path: Path, cxr_dir: Path, redis
                                              demo_model: Path):
     env = {BROKER_PASSWORD_ENV: REDIS_PASSWORD}
     config = folder_config(tmp_path, queue={"broker": f"redis://127.0.0.1:{redis_port}/0"},
-                           model={"path": str(demo_model), "device": "cpu",
-                                  "quantization": "none", "generation": {"max_new_tokens": 16}})
+                           model={**DEMO_MODEL, "path": str(demo_model)})
     worker = WorkerProcess(config, env).start()
     try:
         with NodeProcess(config, env=env) as node:
@@ -89,8 +88,7 @@ def test_worker_killed_mid_draft_is_drafted_once_by_another(tmp_path: Path, cxr_
         tmp_path,
         queue={"broker": f"redis://127.0.0.1:{redis_port}/0", "task_time_limit_seconds": 40,
                "visibility_timeout_seconds": 60, "result_timeout_seconds": 15},
-        model={"path": str(demo_model), "device": "cpu", "quantization": "none",
-               "generation": slow},
+        model={**DEMO_MODEL, "path": str(demo_model), "generation": slow},
     )
     first = WorkerProcess(config, env, name="first").start()
     second = WorkerProcess(config, env, name="second")
@@ -157,3 +155,31 @@ def test_task_payload_carries_no_patient_identifiers(tmp_path: Path):
             assert part not in everything, f"{name} leaked into the task message"
     for uid in uids:
         assert uid not in everything, "a DICOM UID leaked into the task message"
+
+
+def test_late_lateral_is_drafted_again_and_supersedes_the_first_draft(tmp_path: Path):
+    source = tmp_path / "send"
+    source.mkdir()
+    frontal, lateral = write_study(source, ["PA", "LL"], rows=256, columns=256)
+    config = folder_config(tmp_path, queue={"local_worker": True})
+    with NodeProcess(config) as node:
+        assert set(storescu(node.port, [frontal]).values()) == {"Success"}
+        assert wait_for(lambda: node.states() == ["sent"], 180), node.log()[-3000:]
+        assert set(storescu(node.port, [lateral]).values()) == {"Success"}
+        assert wait_for(lambda: len(node.db("SELECT 1 FROM reports")) == 2
+                        and node.states() == ["sent"], 180), node.log()[-3000:]
+        # the frontal sent again changes nothing: no third draft
+        assert set(storescu(node.port, [frontal]).values()) == {"Success"}
+        assert node.events("instance.duplicate")
+        first, second = node.db("SELECT * FROM reports ORDER BY revision")
+    assert (first["revision"], second["revision"]) == (1, 2)
+    assert second["supersedes"] == first["path"]
+    old, new = pydicom.dcmread(first["path"]), pydicom.dcmread(second["path"])
+    assert new.SeriesInstanceUID == old.SeriesInstanceUID and new.InstanceNumber == 2
+    [predecessor] = new.PredecessorDocumentsSequence
+    assert (predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID) == old.SOPInstanceUID
+    evidence = new.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert len(evidence.ReferencedSOPSequence) == 2  # the model read both views
+    assert len(list((tmp_path / "sr-out").glob("*.dcm"))) == 2
+    assert_valid_sr(Path(second["path"]), frontal)

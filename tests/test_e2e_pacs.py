@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodeproc import NodeProcess, storescu, wait_for, write_config
+from nodeproc import DEMO_MODEL, NodeProcess, storescu, wait_for, write_config
 from pacs import Orthanc, running_orthanc
 from sr_validation import assert_valid_sr
 
@@ -24,8 +24,7 @@ def test_chest_xray_in_draft_sr_out_in_the_same_study_of_the_pacs(tmp_path: Path
             tmp_path,
             study={"settle_seconds": 1},
             queue={"local_worker": True},
-            model={"device": "cpu", "quantization": "none", "image_size": 256,
-                   "generation": {"max_new_tokens": 24}},
+            model=DEMO_MODEL,
             destinations=[{"name": "pacs", "ae_title": Orthanc.AE_TITLE, "host": "127.0.0.1",
                            "port": Orthanc.DICOM_PORT}],
         )
