@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from cxr_node import audit
 from cxr_node.config import RoutingRules, StudyConfig
 from cxr_node.store import Store, Study, StudyState
 
@@ -100,4 +101,5 @@ class StudyAssembler:
             return 0  # a new instance arrived meanwhile: the next step looks again
         log.info("study.state", study=study.study_key, revision=study.revision, state=to,
                  reason=reason)
+        audit.study_state(study, to, reason)
         return 1

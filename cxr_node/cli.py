@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -30,7 +31,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cxr_node.node import Node, build_stages
     from cxr_node.store import Store
 
+    from cxr_node.tls import check_tls_files
+
     config = _config(args)
+    check_tls_files(config)  # a wrong certificate or key is a configuration error, found now
     configure_logging(config.logging.level, config.logging.phi)
     store = Store(config.database_path)
     return Node(config, build_stages(config, store)).run()
@@ -83,13 +87,16 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from cxr_node.audit import open_trail
     from cxr_node.dispatch import requeue
     from cxr_node.store import Store
 
     if (args.id is None) == (not args.all_failed):
         print("give an outbox row ID or --all-failed", file=sys.stderr)
         return 2
-    count = requeue(Store(_config(args).database_path), row_id=args.id, all_failed=args.all_failed)
+    config = _config(args)
+    open_trail(config.audit_path)  # an admin's requeue is part of the study's history
+    count = requeue(Store(config.database_path), row_id=args.id, all_failed=args.all_failed)
     print(f"requeued {count} report(s); the running node sends them within seconds")
     return 0 if count else 1
 
@@ -97,7 +104,10 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 def cmd_redraft(args: argparse.Namespace) -> int:
     from cxr_node.store import Store, StudyState
 
-    store = Store(_config(args).database_path)
+    from cxr_node import audit
+
+    config = _config(args)
+    store = Store(config.database_path)
     study = store.study(args.study)
     if study is None:
         print(f"no study {args.study!r}", file=sys.stderr)
@@ -106,8 +116,32 @@ def cmd_redraft(args: argparse.Namespace) -> int:
         print(f"study {study.study_key} is {study.state}; only failed or skipped studies are "
               "drafted again", file=sys.stderr)
         return 1
-    store.move(study, StudyState.STABLE, reason=f"drafted again by an administrator (was {study.state})")
+    reason = f"drafted again by an administrator (was {study.state})"
+    if not store.move(study, StudyState.STABLE, reason=reason):
+        print(f"study {study.study_key} changed meanwhile; look again", file=sys.stderr)
+        return 1
+    audit.open_trail(config.audit_path)
+    audit.study_state(study, StudyState.STABLE, reason, by=audit.operator())
     print(f"study {study.study_key} queued for drafting again")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from cxr_node.audit import history_rows, study_history
+
+    path = _config(args).audit_path
+    if not path.exists():
+        print(f"{path}: no audit trail yet", file=sys.stderr)
+        return 1
+    found = study_history(path, args.study, since=args.since)
+    if found.torn:
+        print(f"note: {found.torn} unreadable line(s) skipped (cut by a crash)", file=sys.stderr)
+    if not found.records:
+        print(f"no audit record for study {args.study}", file=sys.stderr)
+        return 1
+    first = found.records[0]
+    print(f"study {first['study_key']}  {first['study_uid']}  ({len(found.records)} events, UTC)")
+    _table(["time", "event", "detail"], list(history_rows(found.records)))
     return 0
 
 
@@ -136,6 +170,16 @@ def cmd_model_demo(args: argparse.Namespace) -> int:
         return 2
     print(f"demo model (random weights, NOT clinical) written to {path}")
     return 0
+
+
+def _since(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an ISO 8601 date or time such as 2025-03-01 or "
+            "2025-03-01T14:30") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _age(then: float) -> str:
@@ -184,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-failed", action="store_true", help="every dead-lettered report")
     p = command("redraft", cmd_redraft, "draft a failed or skipped study again")
     p.add_argument("study", help="study key (from `cxr-node status`) or Study Instance UID")
+    p = command("audit", cmd_audit, "print one study's history from the audit trail")
+    p.add_argument("--study", required=True, metavar="UID|KEY",
+                   help="Study Instance UID, or the study key shown by `cxr-node status`")
+    p.add_argument("--since", type=_since, metavar="TIME",
+                   help="only events at or after this ISO 8601 time (UTC unless it says)")
     p = command("show", cmd_show, "render a DICOM SR (ours or anyone's) as text", config=False)
     p.add_argument("file", type=Path)
     p.add_argument("--phi", action="store_true", help="also show patient name, ID and birth date")

@@ -323,6 +323,14 @@ class DicomDestination(_Section):
     tls: TLSConfig | None = Field(None, description="DICOM TLS to this PACS")
     timeout_seconds: float = Field(30.0, gt=0, description="association and response timeout")
 
+    @field_validator("tls")
+    @classmethod
+    def _pacs_ca(cls, v: TLSConfig | None) -> TLSConfig | None:
+        if v is not None and v.ca_certificates is None:
+            raise ValueError("ca_certificates: the PACS's certificate must chain to a CA bundle "
+                             "you name (the system trust store is not used)")
+        return v
+
 
 class FolderDestination(_Section):
     name: str = Field(min_length=1, max_length=64, description="name in logs and `cxr-node outbox`")

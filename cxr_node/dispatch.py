@@ -37,6 +37,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
+from cxr_node import audit
 from cxr_node.config import Config, DicomDestination, DispatchConfig, FolderDestination
 from cxr_node.durable import write_atomic
 from cxr_node.logs import study_key
@@ -168,9 +169,10 @@ class DicomStore:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             return Delivery.dead(f"{self.peer} accepted no presentation context for the SR "
                                  "(Comprehensive SR, explicit or implicit VR little endian)")
+        tls = "; with TLS, check that its certificate chains to ca_certificates" if self.tls else ""
         return Delivery.retry(
             f"no association with {self.peer}: refused, unreachable, aborted or no answer within "
-            f"{self.destination.timeout_seconds:g} s"
+            f"{self.destination.timeout_seconds:g} s{tls}"
         )
 
     def _store(self, assoc: Association, path: Path, sop_class: str,
@@ -452,11 +454,13 @@ class Outbox:
             log.warning("outbox.retry", retry_in=round(wait, 3), **fields)
         else:
             log.error("outbox.dead", **fields)
+        audit.delivery(claim, delivery, now)
         if moved:
             study, to, reason = moved
             (log.error if to == StudyState.FAILED else log.info)(
                 "study.state", study=study.study_key, revision=study.revision, state=to,
                 reason=reason)
+            audit.study_state(study, to, reason, now)
 
     def _settle_study(self, db: sqlite3.Connection, claim: _Claim, delivery: Delivery,
                       now: float) -> tuple[Study, StudyState, str | None] | None:
@@ -578,6 +582,7 @@ def requeue(store: Store, row_id: int | None = None, all_failed: bool = False,
         log.info("outbox.requeued", destination=row["destination"],
                  study=study_key(row["study_uid"]), was=row["state"],
                  status=row["last_status"], reason=row["reason"])
+        audit.outbox_requeued(row)
     return len(rows)
 
 
@@ -592,3 +597,4 @@ def _reopen_study(store: Store, db: sqlite3.Connection, row: sqlite3.Row, now: f
     if store.transition(db, study, StudyState.REPORTED, "outbox re-queued", now):
         log.info("study.state", study=study.study_key, revision=study.revision,
                  state=StudyState.REPORTED, reason="outbox re-queued")
+        audit.study_state(study, StudyState.REPORTED, "outbox re-queued")

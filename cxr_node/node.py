@@ -16,14 +16,18 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
-from cxr_node.config import Config
+from cxr_node import audit, metrics
+from cxr_node.config import Config, ConfigError
 from cxr_node.logs import configure_logging
 from cxr_node.receive import Spool
 from cxr_node.store import Store
+
+if TYPE_CHECKING:
+    from cxr_node.web import StatusServer
 
 log = structlog.get_logger("cxr_node.node")
 
@@ -35,6 +39,11 @@ class Stage(Protocol):
 @runtime_checkable
 class WorkerAware(Protocol):
     def requeue_running(self, reason: str) -> int: ...
+
+
+@runtime_checkable
+class Draining(Protocol):
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class StageRunner(threading.Thread):
@@ -70,12 +79,17 @@ def receiver_main(config: Config, associations: int, ready: Any, index: int) -> 
 
     die_with_parent()
     configure_logging(config.logging.level, config.logging.phi)
+    audit.open_trail(config.audit_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        receiver = Receiver(config, Store(config.database_path), associations,
-                            server_context(config.node.tls))
+        ssl_context = server_context(config.node.tls)
+    except ConfigError as exc:  # a TLS file missing or wrong: say which, not "cannot listen"
+        ready.put((index, f"node.tls: {exc}"))
+        return
+    try:
+        receiver = Receiver(config, Store(config.database_path), associations, ssl_context)
     except OSError as exc:
         ready.put((index, f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}"))
         return
@@ -96,6 +110,7 @@ class Node:
         self._ready = self._mp.Queue()
         self.receivers: list[mp.process.BaseProcess] = []
         self.worker: subprocess.Popen[bytes] | None = None
+        self.http: StatusServer | None = None
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
@@ -103,7 +118,9 @@ class Node:
         removed = Spool(self.config.spool_dir, self.config.quarantine_dir).remove_partial_files()
         if removed:
             log.warning("spool.partial_files_removed", count=removed)
-        problem = self._start_receivers()
+        metrics.enable_multiprocess(self.config.state_dir)  # before any receiver is spawned
+        audit.open_trail(self.config.audit_path)
+        problem = self._start_receivers() or self._start_http()
         if problem:
             log.error("node.start_failed", reason=problem)
             self._stop_receivers()
@@ -117,12 +134,22 @@ class Node:
         while not self.stopping.wait(1.0):
             self._supervise()
         log.info("node.stopping")
+        if self.http:
+            self.http.stop()
         self._stop_receivers()
         self._stop_worker()
         for runner in runners:
             runner.join(timeout=30)
+        self._finish_sends()
         log.info("node.stopped")
         return 0
+
+    def _finish_sends(self) -> None:
+        """Let a send in flight get its answer; one cut off is sent again at the next start."""
+        timeouts = [getattr(d, "timeout_seconds", 0.0) for d in self.config.destinations]
+        for _, stage in self.stages:
+            if isinstance(stage, Draining):
+                stage.wait(timeout=max(timeouts, default=0.0) + 5)
 
     def _start_receivers(self) -> str | None:
         for index in range(self.config.node.receivers):
@@ -141,6 +168,20 @@ class Node:
             waiting -= 1
         return None
 
+    def _start_http(self) -> str | None:
+        """/metrics, /healthz and the status page, on the loopback address by default."""
+        if not self.config.http.enabled:
+            return None
+        from cxr_node.web import StatusServer
+
+        try:
+            self.http = StatusServer(self.config, self)
+        except OSError as exc:
+            http = self.config.http
+            return f"cannot serve HTTP on {http.host}:{http.port}: {exc.strerror}"
+        self.http.start()
+        return None
+
     def _spawn_receiver(self, index: int) -> None:
         per_process = math.ceil(self.config.node.max_associations / self.config.node.receivers)
         proc = self._mp.Process(target=receiver_main, name=f"cxr-receiver-{index}",
@@ -153,6 +194,7 @@ class Node:
         for index, proc in enumerate(self.receivers):
             if not proc.is_alive():
                 log.error("receiver.died", index=index, exitcode=proc.exitcode)
+                metrics.process_exited(proc.pid)
                 self.receivers.remove(proc)
                 self._spawn_receiver(index)
                 break

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 from celery import Celery
 
+from cxr_node import audit
 from cxr_node.assemble import route
 from cxr_node.config import Config
 from cxr_node.imaging import Candidate, ImagingError, View, prepare, select_images
@@ -109,6 +110,8 @@ class DraftQueue:
             if earlier is not None and earlier[0].key() == inputs.key():
                 moved = self.store.transition(db, study, earlier[1], reason=(
                     "new instance does not change what the model reads; the earlier draft stands"))
+                if moved:
+                    audit.study_state(study, earlier[1], "the earlier draft stands")
                 return int(moved)
             if not self.store.transition(db, study, StudyState.QUEUED,
                                          reason=f"{len(inputs.images)} image(s) to draft"):
@@ -117,6 +120,8 @@ class DraftQueue:
         self._pixels[job_id] = selection.images
         log.info("study.state", study=study.study_key, revision=study.revision, state="queued",
                  images=[i["view"] for i in inputs.images], dropped=len(inputs.dropped))
+        audit.study_state(study, StudyState.QUEUED, job=job_id,
+                          views=[i["view"] for i in inputs.images])
         return 1
 
     def _reported_inputs(self, study: Study) -> tuple[Inputs, StudyState] | None:
@@ -244,6 +249,7 @@ class DraftQueue:
                 to = StudyState.DRAFTED if ok else StudyState.FAILED
                 self.store.transition(db, study, to, reason=None if ok else reason, now=now)
         log.info("draft.finished", job=job["id"], outcome=state, reason=reason)
+        audit.draft_finished(job, state, result, reason, now)
 
     def _study_at(self, job: sqlite3.Row, *states: StudyState) -> Study | None:
         study = self.store.study(job["study_uid"])
@@ -263,8 +269,12 @@ class DraftQueue:
         return len(lost)
 
     def requeue_running(self, reason: str) -> int:
-        """The worker that held these drafts is gone (the local worker died or restarted)."""
-        jobs = self.store.db.execute("SELECT * FROM jobs WHERE state = 'drafting'").fetchall()
+        """The worker that held these drafts is gone (the local worker died or restarted).
+
+        A draft whose result already reached the backend is left for ``_collect`` to take.
+        """
+        jobs = [job for job in self.store.db.execute("SELECT * FROM jobs WHERE state = 'drafting'")
+                if not self.app.AsyncResult(job["task_id"]).ready()]
         for job in jobs:
             self._retry(job, reason)
         return len(jobs)
@@ -286,9 +296,11 @@ class DraftQueue:
                                           reason=f"{reason}; attempt {job['attempt'] + 1}")
                 self._new_job(db, study, job["attempt"] + 1, Inputs.from_json(job["inputs"]))
         log.warning("draft.retry", job=job["id"], attempt=job["attempt"], reason=reason)
+        audit.draft_retry(job, reason, gave_up=job["attempt"] >= self.config.queue.max_attempts)
 
     def _fail(self, study: Study, reason: str) -> int:
         moved = self.store.move(study, StudyState.FAILED, reason)
         if moved:
             log.warning("study.state", study=study.study_key, state="failed", reason=reason)
+            audit.study_state(study, StudyState.FAILED, reason)
         return int(moved)

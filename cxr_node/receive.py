@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -54,11 +55,13 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from cxr_node import audit
 from cxr_node.config import Config
 from cxr_node.durable import free_mb, private_dir, write_atomic
 from cxr_node.imaging import view_of
 from cxr_node.logs import study_key
 from cxr_node.store import InstanceRecord, Store
+from cxr_node.tls import complete_handshake
 
 log = structlog.get_logger("cxr_node.receive")
 
@@ -272,6 +275,7 @@ class StorageSCP:
         else:
             return
         log.warning("association.rejected", calling_ae=calling, peer=address, reason=reason)
+        audit.association_rejected(calling, address, reason, diagnostic)
         event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
         event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
 
@@ -288,6 +292,7 @@ class StorageSCP:
     def on_established(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         log.info("association.accepted", calling_ae=rq.ae_title, peer=rq.address)
+        audit.association_accepted(rq.ae_title, rq.address)
 
     def on_ended(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
@@ -305,6 +310,8 @@ class StorageSCP:
         context = {"calling_ae": rq.ae_title, "peer": rq.address}
         if free_mb(self.spool.root) < self.min_free_mb:
             log.error("instance.refused", reason="free disk below node.min_free_disk_mb", **context)
+            audit.instance_refused("refused", OUT_OF_RESOURCES, event.request,
+                                   "free disk below node.min_free_disk_mb", **context)
             return _status(OUT_OF_RESOURCES, "Node disk full; retry later")
         meta_ds = event.file_meta
         meta_ds.SourceApplicationEntityTitle = rq.ae_title
@@ -319,11 +326,14 @@ class StorageSCP:
             where = self.spool.quarantine(meta, stream, exc.reason, context)
             log.warning("instance.quarantined", reason=exc.reason, file=where.name,
                         status=f"0x{exc.status:04X}", **context)
+            audit.instance_refused("quarantined", exc.status, event.request, exc.reason, **context)
             return _status(exc.status, exc.reason)
         try:
             return self._keep(header, meta, stream, meta_ds.TransferSyntaxUID, context)
         except OSError as exc:
             log.error("instance.refused", reason=f"cannot store: {exc.strerror}", **context)
+            audit.instance_refused("refused", OUT_OF_RESOURCES, event.request,
+                                   f"cannot store: {exc.strerror}", **context)
             return _status(OUT_OF_RESOURCES, "Node cannot store now; retry later")
 
     def _keep(self, header: Header, meta: bytes, stream: bytes, ts: str,
@@ -332,10 +342,12 @@ class StorageSCP:
         key = study_key(header.study_uid)
         if self.store.has_instance(header.sop_instance_uid, sha256):
             log.info("instance.duplicate", study=key, **context)
+            audit.instance_kept("duplicate", header.sop_class_uid, header.sop_instance_uid,
+                                header.study_uid, **context)
             return SUCCESS
         path = self.spool.path_for(header, sha256)
         self.spool.write(path, meta, stream)
-        outcome = self.store.record_instance(
+        recorded = self.store.record_instance(
             InstanceRecord(
                 sop_instance_uid=header.sop_instance_uid, sha256=sha256,
                 study_uid=header.study_uid, series_uid=header.series_uid,
@@ -346,9 +358,16 @@ class StorageSCP:
                 calling_ae=context["calling_ae"], peer=context["peer"],
             )
         )
-        level = log.warning if outcome == "conflict" else log.info
-        level(f"instance.{outcome}", study=key, modality=header.modality, view=header.view,
-              bytes=len(stream), **context)
+        level = log.warning if recorded.outcome == "conflict" else log.info
+        level(f"instance.{recorded.outcome}", study=key, modality=header.modality,
+              view=header.view, bytes=len(stream), **context)
+        audit.instance_kept(recorded.outcome, header.sop_class_uid, header.sop_instance_uid,
+                            header.study_uid, **context)
+        if recorded.reopened:
+            study = recorded.reopened
+            log.info("study.state", study=key, revision=study.revision, state=study.state,
+                     reason=study.reason)
+            audit.study_state(study, study.state, study.reason)
         return SUCCESS
 
 
@@ -364,11 +383,38 @@ def _title(value: str | bytes) -> str:
 
 
 class SharedPortServer(ThreadedAssociationServer):
-    """An association server that lets several receiver processes listen on one port."""
+    """An association server that lets several receiver processes listen on one port.
+
+    With TLS, pynetdicom's ``get_request`` runs the handshake in the accept loop, with no time
+    limit: one peer that connects and says nothing (a port scanner, a half-open link, a modality
+    set up without TLS that waits for us to speak) blocks every other connection to this process.
+    Here the accept loop only wraps the socket; the handshake runs on the connection's own thread
+    (the one ThreadingMixIn starts, before pynetdicom builds an association on it) within the ACSE
+    timeout, and a peer that fails it is logged and dropped before it takes an association slot.
+    """
+
+    daemon_threads = True  # a handshake still running never holds up the receiver's stop
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            problem = complete_handshake(request, self.ae.acse_timeout)
+            if problem:
+                log.warning("association.tls_refused", peer=client_address[0], reason=problem)
+                audit.tls_refused(client_address[0], problem)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 def make_ae(config: Config, associations: int) -> AE:

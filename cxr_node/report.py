@@ -88,7 +88,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import MAX_VALUE_LEN, VALIDATORS
 
-from cxr_node import __version__
+from cxr_node import __version__, audit
 from cxr_node.config import Config, ReportConfig
 from cxr_node.durable import write_atomic
 from cxr_node.store import Store, Study, StudyState
@@ -704,6 +704,7 @@ class Reporter:
         except ReportError as exc:
             if self.store.move(study, StudyState.FAILED, f"report not built: {exc}"):
                 log.warning("study.state", study=study.study_key, state="failed", reason=str(exc))
+                audit.study_state(study, StudyState.FAILED, f"report not built: {exc}")
             return 1
         with self.store.transaction() as db:
             if not self.store.transition(db, study, StudyState.REPORTED,
@@ -718,4 +719,7 @@ class Reporter:
                                 destinations=[d.name for d in self.config.destinations])
         log.info("study.state", study=study.study_key, revision=study.revision, state="reported",
                  demo=draft.model.demo, destinations=len(self.config.destinations))
+        audit.study_state(study, StudyState.REPORTED, sr_uid=ds.SOPInstanceUID,
+                          demo=draft.model.demo, supersedes=earlier is not None,
+                          destinations=[d.name for d in self.config.destinations])
         return 1

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS studies (
     state_changed_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state);
+CREATE INDEX IF NOT EXISTS studies_by_arrival ON studies (last_received_at);
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY,
     study_uid TEXT NOT NULL,
@@ -170,6 +171,14 @@ class Study:
 Stored = Literal["stored", "duplicate", "conflict"]
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What indexing an instance did: its outcome, and the study if it started a new revision."""
+
+    outcome: Stored
+    reopened: Study | None = None
+
+
 class Store:
     """Connections per thread to the state database, and the study state machine."""
 
@@ -222,7 +231,7 @@ class Store:
         ).fetchone()
         return row is not None and Path(row["path"]).exists()
 
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> Stored:
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> Recorded:
         """Index a stored file and (re)open its study; idempotent for an identical re-send."""
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -230,7 +239,7 @@ class Store:
                 "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
             ).fetchall()
             if any(r["sha256"] == rec.sha256 for r in known):
-                return "duplicate"
+                return Recorded("duplicate")
             conflict = bool(known)
             db.execute(
                 """INSERT INTO instances (sop_instance_uid, sha256, study_uid, series_uid,
@@ -244,10 +253,11 @@ class Store:
                     rec.calling_ae, rec.peer, int(conflict),
                 ),
             )
-            self._reopen_study(db, rec.study_uid, now)
-        return "conflict" if conflict else "stored"
+            reopened = self._reopen_study(db, rec.study_uid, now)
+        return Recorded("conflict" if conflict else "stored", reopened)
 
-    def _reopen_study(self, db: sqlite3.Connection, study_uid: str, now: float) -> None:
+    def _reopen_study(self, db: sqlite3.Connection, study_uid: str, now: float) -> Study | None:
+        """Open a new study, or a new revision of one that had left ``receiving`` (returned)."""
         row = db.execute(
             "SELECT state, revision FROM studies WHERE study_uid = ?", (study_uid,)
         ).fetchone()
@@ -259,20 +269,23 @@ class Store:
                 (study_uid, study_key(study_uid), now, now, now, now),
             )
             self._log_transition(db, study_uid, 1, StudyState.RECEIVING, None, now)
-        elif row["state"] == StudyState.RECEIVING:
+            return None
+        if row["state"] == StudyState.RECEIVING:
             db.execute(
                 "UPDATE studies SET last_received_at = ? WHERE study_uid = ?", (now, study_uid)
             )
-        else:
-            revision = row["revision"] + 1
-            reason = f"new instance arrived while {row['state']}; drafting again with all images"
-            db.execute(
-                """UPDATE studies SET state = 'receiving', revision = ?, reason = ?,
-                   revision_started_at = ?, last_received_at = ?, state_changed_at = ?
-                   WHERE study_uid = ?""",
-                (revision, reason, now, now, now, study_uid),
-            )
-            self._log_transition(db, study_uid, revision, StudyState.RECEIVING, reason, now)
+            return None
+        revision = row["revision"] + 1
+        reason = f"new instance arrived while {row['state']}; drafting again with all images"
+        db.execute(
+            """UPDATE studies SET state = 'receiving', revision = ?, reason = ?,
+               revision_started_at = ?, last_received_at = ?, state_changed_at = ?
+               WHERE study_uid = ?""",
+            (revision, reason, now, now, now, study_uid),
+        )
+        self._log_transition(db, study_uid, revision, StudyState.RECEIVING, reason, now)
+        return _study(db.execute("SELECT * FROM studies WHERE study_uid = ?",
+                                 (study_uid,)).fetchone())
 
     # --- study state machine -------------------------------------------------------------------
 

@@ -1,14 +1,106 @@
-"""DICOM TLS (PS3.15 Annex B): SSL contexts for the Storage SCP and for sending to the PACS."""
+"""DICOM TLS (PS3.15 Annex B.1): SSL contexts for the Storage SCP and for sending to the PACS.
+
+Policy, the same for both directions:
+
+- TLS 1.2 at least (``minimum_version: TLSv1.3`` where every peer has it). TLS 1.2 is limited to
+  the forward-secret AEAD suites of BCP 195 (RFC 9325), which dcmtk's default "BCP 195
+  non-downgrading" profile and current PACS speak; TLS 1.3 suites are all AEAD already.
+- Receiver: with ``require_client_certificate`` a peer must present a certificate that chains to
+  ``ca_certificates`` or the handshake fails (CERT_REQUIRED); with ``ca_certificates`` alone a
+  presented certificate must chain, none is accepted; without it, TLS only encrypts and the
+  accept rules (AE title + network) are the access control.
+- Sender: the PACS's certificate must chain to ``ca_certificates``, which is required: the system
+  trust store would let any holder of a public certificate pose as the PACS. Host names are *not*
+  checked: PACS are addressed by IP and their certificates rarely name it; the private CA is what
+  identifies them, so give the sender a bundle with only the CAs that issue PACS certificates.
+- The private key is read from systemd's credential directory when the unit loads it
+  (``LoadCredential=NAME:/etc/cxr-node/tls/node.key`` with ``private_key_credential: NAME``), so
+  the key file itself can stay readable by root only; otherwise from ``private_key``.
+
+Every problem with the files is a ConfigError naming the file and what is wrong, raised at start.
+"""
 
 from __future__ import annotations
 
+import os
 import ssl
+from pathlib import Path
 
-from cxr_node.config import TLSConfig
+from cxr_node.config import Config, ConfigError, DicomDestination, TLSConfig
+
+# BCP 195 / RFC 9325 section 4.2, in OpenSSL's notation: ECDHE or DHE key exchange, AES-GCM or
+# ChaCha20-Poly1305; never RSA key exchange, CBC, SHA-1 MACs or anonymous suites.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+# What the OpenSSL reasons seen most at a receiver mean, for whoever reads the log.
+HANDSHAKE_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": "the peer's certificate does not chain to ca_certificates",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer sent no certificate",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS (plain DICOM on the TLS port?)",
+    "HTTP_REQUEST": "the peer speaks HTTP, not DICOM over TLS",
+    "UNSUPPORTED_PROTOCOL": "the peer offers only TLS versions below minimum_version",
+    "NO_SHARED_CIPHER": "no cipher suite in common (BCP 195 suites only)",
+}
 
 
 def _version(name: str) -> ssl.TLSVersion:
     return ssl.TLSVersion[name.replace(".", "_")]
+
+
+def private_key_path(tls: TLSConfig) -> Path:
+    """The key file to read: systemd's copy of the credential when the service has one."""
+    directory = os.environ.get(CREDENTIALS_ENV)
+    if tls.private_key_credential and directory:
+        credential = Path(directory) / tls.private_key_credential
+        if credential.is_file():
+            return credential
+    return tls.private_key
+
+
+def _readable(path: Path, what: str, hint: str = "") -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the {what} ({exc.strerror}){hint}"]) from None
+
+
+def _load_identity(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
+    """Our certificate chain and key, with a message that says which file is wrong and how."""
+    key = private_key_path(tls)
+    hint = ""
+    if tls.private_key_credential and key == tls.private_key:
+        hint = (f"; nor is there a systemd credential '{tls.private_key_credential}' "
+                f"in ${CREDENTIALS_ENV}")
+    _readable(tls.certificate, "certificate")
+    _readable(key, "private key", hint)
+
+    def encrypted() -> bytes:  # OpenSSL would otherwise prompt on a terminal nobody watches
+        raise ConfigError([f"{key}: the private key is encrypted; the node needs it unencrypted, "
+                           "kept private by its file mode or a systemd credential"])
+
+    try:
+        ctx.load_cert_chain(tls.certificate, key, password=encrypted)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            problem = f"{key}: this private key does not belong to the certificate {tls.certificate}"
+        else:
+            problem = (f"{tls.certificate} and {key}: not a PEM certificate chain and its private "
+                       f"key ({exc.reason or exc})")
+        raise ConfigError([problem]) from None
+
+
+def _load_cas(ctx: ssl.SSLContext, bundle: Path) -> None:
+    _readable(bundle, "CA certificates")
+    try:
+        ctx.load_verify_locations(cafile=bundle)
+    except ssl.SSLError as exc:
+        raise ConfigError([f"{bundle}: no PEM CA certificate in it ({exc.reason or exc})"]) from None
+
+
+def _restrict(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
+    ctx.minimum_version = _version(tls.minimum_version)
+    ctx.set_ciphers(TLS12_CIPHERS)
 
 
 def server_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
@@ -16,10 +108,11 @@ def server_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     if tls is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _version(tls.minimum_version)
-    ctx.load_cert_chain(tls.certificate, tls.private_key)
+    _restrict(ctx, tls)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client could otherwise make us redo handshakes
+    _load_identity(ctx, tls)
     if tls.ca_certificates:
-        ctx.load_verify_locations(tls.ca_certificates)
+        _load_cas(ctx, tls.ca_certificates)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     return ctx
 
@@ -28,8 +121,42 @@ def client_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     """The context for sending to a destination: the PACS certificate must chain to our CAs."""
     if tls is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_certificates)
-    ctx.minimum_version = _version(tls.minimum_version)
-    ctx.check_hostname = False  # PACS peers are addressed by IP and identified by certificate
-    ctx.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates is None:
+        raise ConfigError([
+            f"destination TLS with certificate {tls.certificate} has no ca_certificates: the "
+            "PACS's certificate must chain to a CA bundle you name (the system store is not used)"
+        ])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify_mode CERT_REQUIRED
+    ctx.check_hostname = False  # PACS are addressed by IP and identified by the private CA
+    _restrict(ctx, tls)
+    _load_cas(ctx, tls.ca_certificates)
+    _load_identity(ctx, tls)
     return ctx
+
+
+def complete_handshake(sock: ssl.SSLSocket, timeout: float) -> str | None:
+    """Finish a server-side handshake within ``timeout``; None, or why it failed (for the log).
+
+    The socket is left blocking (no timeout), as pynetdicom expects its sockets to be.
+    """
+    sock.settimeout(timeout)
+    try:
+        sock.do_handshake()
+    except ssl.SSLError as exc:
+        reason = exc.reason or exc.strerror or type(exc).__name__
+        hint = HANDSHAKE_HINTS.get(reason)
+        return f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")
+    except TimeoutError:
+        return f"no TLS handshake within {timeout:g} s"
+    except OSError as exc:
+        return f"connection lost during the TLS handshake: {exc.strerror or type(exc).__name__}"
+    sock.settimeout(None)
+    return None
+
+
+def check_tls_files(config: Config) -> None:
+    """Load every certificate and key the node will use, so a bad file stops it at start."""
+    server_context(config.node.tls)
+    for destination in config.destinations:
+        if isinstance(destination, DicomDestination):
+            client_context(destination.tls)

@@ -102,9 +102,9 @@ def test_route_accepts_empty_attributes_when_the_rules_list_them():
 
 
 def test_identical_resend_changes_nothing_but_new_content_is_kept_and_flagged(store: Store, clock: Clock):
-    assert store.record_instance(record("1.1"), now=clock.now) == "stored"
-    assert store.record_instance(record("1.1"), now=clock.now) == "duplicate"
-    assert store.record_instance(record("1.1", sha256="other"), now=clock.now) == "conflict"
+    assert store.record_instance(record("1.1"), now=clock.now).outcome == "stored"
+    assert store.record_instance(record("1.1"), now=clock.now).outcome == "duplicate"
+    assert store.record_instance(record("1.1", sha256="other"), now=clock.now).outcome == "conflict"
     rows = store.db.execute("SELECT conflict FROM instances ORDER BY id").fetchall()
     assert [r[0] for r in rows] == [0, 1]
     # drafting uses the newest copy of an instance
@@ -118,8 +118,9 @@ def test_late_instance_starts_a_new_revision(store: Store, clock: Clock, later: 
     with store.transaction() as db:
         store.transition(db, study, later)
     clock.now += 100
-    store.record_instance(record("1.2", view="LATERAL"), now=clock.now)
+    reopened = store.record_instance(record("1.2", view="LATERAL"), now=clock.now).reopened
     study = store.study("1.2.3")
+    assert reopened == study
     assert (study.state, study.revision) == (StudyState.RECEIVING, 2)
     assert f"new instance arrived while {later.value}" in study.reason
     assert study.revision_started_at == clock.now

@@ -591,7 +591,8 @@ def test_a_dead_or_hanging_pacs_does_not_hold_up_another_destination(
     silent = raw_peer()  # takes the connection, never answers: only the timeout ends it
     rejecting = raw_peer(reject=(0x01, 0x01, 0x07))
     out = tmp_path / "share"
-    config = node_config(tmp_path, dicom("hanging", silent.port, timeout=3),
+    # the hanging peer's timeout is well above what the others need even on a loaded machine
+    config = node_config(tmp_path, dicom("hanging", silent.port, timeout=12),
                          dicom("rejecting", rejecting.port), {"name": "share", "folder": str(out)})
     store = Store(config.database_path)
     draft = make_sr(tmp_path, rg1, "independent")
@@ -600,10 +601,10 @@ def test_a_dead_or_hanging_pacs_does_not_hold_up_another_destination(
 
     started = time.monotonic()
     outbox.step()
-    assert wait_for(lambda: rows(store)["share"]["state"] == "delivered", 2.5)
-    assert rows(store)["rejecting"]["state"] == "dead"
+    assert wait_for(lambda: rows(store)["share"]["state"] == "delivered", 10)
+    assert wait_for(lambda: rows(store)["rejecting"]["state"] == "dead", 10)
     assert rows(store)["hanging"]["state"] == "sending"  # still waiting for its peer
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 10
     assert outbox.wait(timeout=30)
     assert rows(store)["hanging"]["state"] == "pending"
     assert (out / f"{draft.sr_uid}.dcm").is_file()

@@ -155,6 +155,10 @@ def test_task_payload_carries_no_patient_identifiers(tmp_path: Path):
             assert part not in everything, f"{name} leaked into the task message"
     for uid in uids:
         assert uid not in everything, "a DICOM UID leaked into the task message"
+    log = node.log()
+    for name, value in IDENTIFIERS.items():
+        for part in value.split("^"):
+            assert part not in log, f"{name} appeared in the node's log"
 
 
 def test_late_lateral_is_drafted_again_and_supersedes_the_first_draft(tmp_path: Path):
