@@ -301,7 +301,7 @@ def read_trail(path: Path) -> Trail:
                 continue
             starts = [m.start() for m in RECORD_START.finditer(raw)]
             torn += not starts or starts[0] > 0  # a fragment before the first record start
-            for start, end in zip(starts, [*starts[1:], len(raw)]):
+            for start, end in zip(starts, [*starts[1:], len(raw)], strict=True):
                 item = _record(raw[start:end])
                 if item is None:
                     torn += 1

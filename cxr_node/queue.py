@@ -180,7 +180,8 @@ class DraftQueue:
         prepared = self._pixels.pop(job["id"], None)
         pixels = ([img.pixels for img in prepared] if prepared is not None
                   else [prepare(Path(i["path"]), max_side) for i in inputs.images])
-        images = tuple(encode_image(p, i["view"], max_side) for p, i in zip(pixels, inputs.images))
+        images = tuple(encode_image(p, i["view"], max_side)
+                       for p, i in zip(pixels, inputs.images, strict=True))
         indication = self._indication(inputs) if self.config.model.send_indication else None
         return DraftRequest(request_id=f"job-{job['id']}", images=images, indication=indication)
 

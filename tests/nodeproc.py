@@ -191,6 +191,14 @@ def storescu(port: int, files: Iterable[Path], aet: str = "MODALITY1", aec: str 
     return results
 
 
+def storescu_in_background(port: int, files: Iterable[Path],
+                           aet: str = "MODALITY1") -> subprocess.Popen[str]:
+    """A modality sending uncompressed files over one association, while the test does things."""
+    return subprocess.Popen(
+        [STORESCU, "-v", "-aet", aet, "-aec", "CXR_NODE", "127.0.0.1", str(port),
+         *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def run_storescu(args: list[str], timeout: float = 300, netns: str | None = None) -> str:
     done = subprocess.run(in_netns(netns, [STORESCU, "-v", *args]), capture_output=True,
                           text=True, timeout=timeout)

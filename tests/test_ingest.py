@@ -14,7 +14,16 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomgen import make_cxr, write_study
-from nodeproc import NodeProcess, free_port, run_storescu, parse_storescu, storescu, wait_for, write_config
+from nodeproc import (
+    NodeProcess,
+    free_port,
+    parse_storescu,
+    run_storescu,
+    storescu,
+    storescu_in_background,
+    wait_for,
+    write_config,
+)
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
@@ -150,10 +159,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, req
     config = write_config(tmp_path, study={"settle_seconds": 1})
     node = NodeProcess(config).start()
     request.addfinalizer(node.kill)
-    sender = subprocess.Popen(
-        ["/usr/bin/storescu", "-v", "-aet", "MODALITY1", "-aec", "CXR_NODE", "127.0.0.1",
-         str(node.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    sender = storescu_in_background(node.port, files)
     assert wait_for(lambda: len(node.events("instance.stored")) >= 4, 60)
     node.kill()
     out, _ = sender.communicate(timeout=60)

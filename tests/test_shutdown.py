@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,14 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomgen import write_study
-from nodeproc import NodeProcess, parse_storescu, storescu, wait_for, write_config
+from nodeproc import (
+    NodeProcess,
+    parse_storescu,
+    storescu,
+    storescu_in_background,
+    wait_for,
+    write_config,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
@@ -73,10 +79,7 @@ def test_sigterm_mid_transfer_finishes_the_association_and_exits_0(tmp_path: Pat
     config = write_config(tmp_path, node={"network_timeout_seconds": grace})
     node = NodeProcess(config).start()
     request.addfinalizer(node.kill)
-    sender = subprocess.Popen(
-        ["/usr/bin/storescu", "-v", "-aet", "MODALITY1", "-aec", "CXR_NODE", "127.0.0.1",
-         str(node.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    sender = storescu_in_background(node.port, files)
     assert wait_for(lambda: len(node.events("instance.stored")) >= 4, 60)
     code, seconds = sigterm_and_wait(node, grace + 30)
     out, _ = sender.communicate(timeout=60)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomgen import make_cxr
-from nodeproc import NodeProcess, free_port, run_storescu, parse_storescu, wait_for, write_config
+from nodeproc import NodeProcess, run_storescu, parse_storescu, wait_for, write_config
 from pacs import NetworkNamespace
 from pydicom.uid import generate_uid
 from pynetdicom import AE
