@@ -205,7 +205,7 @@ class QueueConfig(_Section):
     )
     max_attempts: int = Field(3, ge=1, description="submissions of one study before it fails")
     poll_interval_seconds: float = Field(
-        0.1, gt=0, le=5, description="how often stages and the embedded broker look for work")
+        0.05, gt=0, le=5, description="how often stages and the embedded broker look for work")
 
     @field_validator("broker")
     @classmethod
@@ -322,6 +322,7 @@ class DicomDestination(_Section):
     calling_ae_title: AETitle | None = Field(None, description="our AE title there; default node.ae_title")
     tls: TLSConfig | None = Field(None, description="DICOM TLS to this PACS")
     timeout_seconds: float = Field(30.0, gt=0, description="association and response timeout")
+    associations: int = Field(2, ge=1, le=16, description="SRs sent to this PACS at once")
 
     @field_validator("tls")
     @classmethod

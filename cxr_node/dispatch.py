@@ -272,7 +272,11 @@ class _Claim:
 
 
 class Outbox:
-    """The dispatch stage: sends due outbox rows, one lane per destination, and keeps the books."""
+    """The dispatch stage: sends due outbox rows on lanes per destination, and keeps the books.
+
+    A DICOM destination gets ``associations`` lanes (a PACS takes several SRs at once); each lane
+    claims its row in a transaction of its own, so no row is ever sent by two lanes.
+    """
 
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time):
         self.settings = config.dispatch
@@ -281,7 +285,8 @@ class Outbox:
         self.destinations: dict[str, Destination] = {
             d.name: make_destination(d, config.node.ae_title) for d in config.destinations
         }
-        self._lanes: dict[str, threading.Thread] = {}
+        self._lane_counts = {d.name: getattr(d, "associations", 1) for d in config.destinations}
+        self._lanes: dict[tuple[str, int], threading.Thread] = {}
         self._lock = threading.Lock()
         self._sending: set[int] = set()  # rows a lane of this process is sending right now
         self._finished = 0
@@ -313,12 +318,13 @@ class Outbox:
         """
         self._resume_orphans()
         for name in self._due_destinations():
-            lane = self._lanes.get(name)
-            if lane is None or not lane.is_alive():
-                lane = threading.Thread(target=self._drain, args=(name,), daemon=True,
-                                        name=f"dispatch-{name}")
-                self._lanes[name] = lane
-                lane.start()
+            for index in range(self._lane_counts.get(name, 1)):
+                lane = self._lanes.get((name, index))
+                if lane is None or not lane.is_alive():
+                    lane = threading.Thread(target=self._drain, args=(name,), daemon=True,
+                                            name=f"dispatch-{name}-{index}")
+                    self._lanes[(name, index)] = lane
+                    lane.start()
         with self._lock:
             finished, self._finished = self._finished, 0
         return finished

@@ -46,24 +46,46 @@ class Draining(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+class Wakeup:
+    """A stage that moved work on wakes the others at once, instead of at their next poll."""
+
+    def __init__(self) -> None:
+        self._events: list[threading.Event] = []
+
+    def subscribe(self) -> threading.Event:
+        event = threading.Event()
+        self._events.append(event)
+        return event
+
+    def notify(self) -> None:
+        for event in self._events:
+            event.set()
+
+
 class StageRunner(threading.Thread):
     """Runs one stage's ``step`` in a loop; an error is logged and the stage carries on."""
 
-    def __init__(self, name: str, stage: Stage, interval: float, stopping: threading.Event):
+    def __init__(self, name: str, stage: Stage, interval: float, stopping: threading.Event,
+                 wakeup: Wakeup):
         super().__init__(name=name, daemon=True)
         self.stage = stage
         self.interval = interval
         self.stopping = stopping
+        self.wakeup = wakeup
+        self.woken = wakeup.subscribe()
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self.woken.clear()
             try:
                 busy = self.stage.step()
             except Exception:
                 log.exception("stage.error", stage=self.name)
                 busy = 0
-            if not busy:
-                self.stopping.wait(self.interval)
+            if busy:
+                self.wakeup.notify()
+            else:
+                self.woken.wait(self.interval)
 
 
 def die_with_parent() -> None:
@@ -125,8 +147,9 @@ class Node:
             log.error("node.start_failed", reason=problem)
             self._stop_receivers()
             return 1
-        runners = [StageRunner(name, stage, self.config.queue.poll_interval_seconds, self.stopping)
-                   for name, stage in self.stages]
+        wakeup = Wakeup()
+        runners = [StageRunner(name, stage, self.config.queue.poll_interval_seconds, self.stopping,
+                               wakeup) for name, stage in self.stages]
         for runner in runners:
             runner.start()
         log.info("node.ready", ae_title=self.config.node.ae_title, port=self.config.node.port,
@@ -134,6 +157,7 @@ class Node:
         while not self.stopping.wait(1.0):
             self._supervise()
         log.info("node.stopping")
+        wakeup.notify()
         if self.http:
             self.http.stop()
         self._stop_receivers()

@@ -30,7 +30,7 @@ import pytest
 import structlog
 from nodeproc import NodeProcess, wait_for, write_config
 from pacs import NetworkNamespace, Orthanc, running_orthanc
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, CTImageStorage
 from sr_validation import assert_valid_sr
@@ -960,3 +960,37 @@ def test_node_killed_before_its_bookkeeping_leaves_exactly_one_copy_in_the_pacs(
         if node is not None:
             node.kill()
         trap.close()
+
+
+def test_a_pacs_gets_several_srs_at_once_each_exactly_once(
+    tmp_path: Path, chest: Path, scp: Callable[..., ScriptedSCP], clock: Clock,
+) -> None:
+    peer = scp()
+    at_once, busiest = [0], [0]
+    lock = threading.Lock()
+
+    def slow_store() -> None:  # a PACS that takes its time with each object
+        with lock:
+            at_once[0] += 1
+            busiest[0] = max(busiest[0], at_once[0])
+        time.sleep(0.3)
+        with lock:
+            at_once[0] -= 1
+
+    peer.on_store = slow_store
+    config = node_config(tmp_path, {**dicom("pacs", peer.port), "associations": 3})
+    store = Store(config.database_path)
+    drafts = []
+    for i in range(6):
+        image = tmp_path / f"image{i}.dcm"
+        ds = pydicom.dcmread(chest, force=True)
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        ds.save_as(image)
+        drafts.append(make_sr(tmp_path, image, f"parallel-{i}"))
+        file_report(store, config, drafts[-1], clock())
+    started = time.monotonic()
+    run(Outbox(config, store, clock))
+    assert busiest[0] == 3
+    assert time.monotonic() - started < 6 * 0.3  # not one after the other
+    assert sorted(peer.received) == sorted(d.sr_uid for d in drafts)
+    assert {r["state"] for r in store.db.execute("SELECT state FROM outbox")} == {"delivered"}

@@ -96,7 +96,7 @@ def train_word_tokenizer(special_tokens: Sequence[str], words: Iterable[str] = D
     return tokenizer
 
 
-def _demo_processor() -> Gemma3Processor:
+def demo_processor() -> Gemma3Processor:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_word_tokenizer(GEMMA3_SPECIAL_TOKENS),
         bos_token="<bos>",
@@ -175,7 +175,7 @@ def build_demo_model(target: Path) -> Path:
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))  # created 0700
     try:
-        processor = _demo_processor()
+        processor = demo_processor()
         _demo_model(processor).save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / MANIFEST_NAME).write_text(json.dumps(DEMO_MANIFEST, indent=2) + "\n")
