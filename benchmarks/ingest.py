@@ -59,6 +59,7 @@ from pydicom.uid import generate_uid
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 STORESCP_NAME = "storescp --fork"
+NULL_SINK_NAME = "storescp --fork --ignore (stores nothing)"
 AE_TITLE = "CXR_NODE"  # both receivers answer to the same called AE title
 NODE_PORT, STORESCP_PORT = 11112, 11113  # the namespace is private: fixed ports cannot collide
 PDU_BYTES = 131072  # dcmtk's largest; announced by both receivers
@@ -163,12 +164,17 @@ class CxrNode(Receiver):
 
 
 class StoreSCP(Receiver):
-    """dcmtk's storescp, one forked process per association, writing into a folder."""
+    """dcmtk's storescp, one forked process per association, writing into a folder.
 
-    def __init__(self, ns: NetworkNamespace, workdir: Path):
+    With ``ignore`` it receives every byte and answers Success but stores nothing: no receiver
+    that keeps the data can beat it, so it is the ceiling the senders set on this machine.
+    """
+
+    def __init__(self, ns: NetworkNamespace, workdir: Path, ignore: bool = False):
         self.ns = ns
         self.workdir = workdir
-        self.name = STORESCP_NAME
+        self.ignore = ignore
+        self.name = NULL_SINK_NAME if ignore else STORESCP_NAME
         self.port = STORESCP_PORT
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -177,8 +183,9 @@ class StoreSCP(Receiver):
         out = self.workdir / "out"
         out.mkdir(parents=True)
         self.proc = subprocess.Popen(
-            self.ns.command([STORESCP, "--fork", "-aet", AE_TITLE, "-pdu", str(PDU_BYTES),
-                             "-od", str(out), str(self.port)]),
+            self.ns.command([STORESCP, "--fork", *(["--ignore"] if self.ignore else []),
+                             "-aet", AE_TITLE, "-pdu", str(PDU_BYTES), "-od", str(out),
+                             str(self.port)]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_until(self._answers, 30, "storescp answering C-ECHO", interval=0.1)
         return self.proc.pid
@@ -276,6 +283,7 @@ def throughput(args: argparse.Namespace, studies: list[list[Path]], work: Path,
         variants: list[Receiver] = [node, reference]
         if associations == max(args.associations):  # what node settings change at the top load
             variants += [CxrNode(ns, work / "node", r) for r in args.receivers[1:]]
+            variants.append(StoreSCP(ns, work / "storescp", ignore=True))
             if args.fsync_off:
                 variants.append(CxrNode(ns, work / "node", args.receivers[0], fsync=False))
         groups = split(studies, associations)
@@ -293,13 +301,13 @@ def throughput_table(runs: Sequence[Run]) -> str:
         by[(run.associations, run.receiver)].append(run)
     rows = []
     def order(key: tuple[int, str]) -> tuple[int, bool, str]:
-        return key[0], key[1] != STORESCP_NAME, key[1]  # storescp first at each load
+        return key[0], key[1] not in (STORESCP_NAME, NULL_SINK_NAME), key[1]  # dcmtk first
 
     for (associations, receiver), group in sorted(by.items(), key=lambda kv: order(kv[0])):
         ips = median([r.images_per_second for r in group])
         reference = by.get((associations, STORESCP_NAME))
         ratio = with_sync = "-"
-        if reference and receiver != STORESCP_NAME:
+        if reference and receiver not in (STORESCP_NAME, NULL_SINK_NAME):
             ratio = f"{ips / median([r.images_per_second for r in reference]):.2f}"
             with_sync = f"{ips / median([r.images_per_second_with_sync for r in reference]):.2f}"
         rows.append([

@@ -69,21 +69,30 @@ class StudyAssembler:
         self.config = config
         self.store = store
         self.clock = clock
+        self._due_at: float | None = None
 
     def step(self) -> int:
         now = self.clock()
         moved = 0
+        due: list[float] = []
         for study in self.store.studies([StudyState.RECEIVING]):
             instances = self.store.instances(study.study_uid)
             routing = route(instances, self.config.rules)
             why = self.stable_because(study, routing.eligible, now)
             if why is None:
+                due.append(min(study.last_received_at + self.config.settle_seconds,
+                               study.revision_started_at + self.config.max_wait_seconds))
                 continue
             if routing.skip_reason:
                 moved += self._move(study, StudyState.SKIPPED, routing.skip_reason)
             else:
                 moved += self._move(study, StudyState.STABLE, why)
+        self._due_at = min(due, default=None)
         return moved
+
+    def seconds_until_due(self) -> float | None:
+        """When the next study's settle or max-wait timer runs out, if no instance comes first."""
+        return None if self._due_at is None else self._due_at - self.clock()
 
     def stable_because(self, study: Study, eligible: Sequence[sqlite3.Row], now: float) -> str | None:
         quiet = now - study.last_received_at

@@ -42,6 +42,11 @@ class WorkerAware(Protocol):
 
 
 @runtime_checkable
+class Timed(Protocol):
+    def seconds_until_due(self) -> float | None: ...
+
+
+@runtime_checkable
 class Draining(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
@@ -63,7 +68,11 @@ class Wakeup:
 
 
 class StageRunner(threading.Thread):
-    """Runs one stage's ``step`` in a loop; an error is logged and the stage carries on."""
+    """Runs one stage's ``step`` in a loop; an error is logged and the stage carries on.
+
+    An idle stage waits for a wake-up, the poll interval, or a timer of its own running out
+    (a study's settle time), whichever comes first.
+    """
 
     def __init__(self, name: str, stage: Stage, interval: float, stopping: threading.Event,
                  wakeup: Wakeup):
@@ -85,7 +94,11 @@ class StageRunner(threading.Thread):
             if busy:
                 self.wakeup.notify()
             else:
-                self.woken.wait(self.interval)
+                self.woken.wait(self._idle_seconds())
+
+    def _idle_seconds(self) -> float:
+        due = self.stage.seconds_until_due() if isinstance(self.stage, Timed) else None
+        return self.interval if due is None else min(self.interval, max(due, 0.0))
 
 
 def die_with_parent() -> None:
@@ -94,7 +107,16 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def receiver_main(config: Config, associations: int, ready: Any, index: int) -> None:
+def forward_arrivals(arrivals: Any, woken: threading.Event, stopping: threading.Event) -> None:
+    """Wake the assemble stage when a receiver process has indexed an instance."""
+    while not stopping.is_set():
+        if arrivals.wait(0.5):
+            arrivals.clear()  # before waking: an arrival after this sets it again
+            woken.set()
+
+
+def receiver_main(config: Config, associations: int, ready: Any, index: int,
+                  arrivals: Any) -> None:
     """Entry point of one receiver process."""
     from cxr_node.receive import Receiver
     from cxr_node.tls import server_context
@@ -111,7 +133,8 @@ def receiver_main(config: Config, associations: int, ready: Any, index: int) -> 
         ready.put((index, f"node.tls: {exc}"))
         return
     try:
-        receiver = Receiver(config, Store(config.database_path), associations, ssl_context)
+        receiver = Receiver(config, Store(config.database_path), associations, ssl_context,
+                            on_stored=arrivals.set)
     except OSError as exc:
         ready.put((index, f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}"))
         return
@@ -130,6 +153,7 @@ class Node:
         self.stopping = threading.Event()
         self._mp = mp.get_context("spawn")
         self._ready = self._mp.Queue()
+        self._arrivals = self._mp.Event()  # set by a receiver process for each new instance
         self.receivers: list[mp.process.BaseProcess] = []
         self.worker: subprocess.Popen[bytes] | None = None
         self.http: StatusServer | None = None
@@ -152,6 +176,8 @@ class Node:
                                wakeup) for name, stage in self.stages]
         for runner in runners:
             runner.start()
+        threading.Thread(target=forward_arrivals, name="arrivals", daemon=True,
+                         args=(self._arrivals, runners[0].woken, self.stopping)).start()  # assemble
         log.info("node.ready", ae_title=self.config.node.ae_title, port=self.config.node.port,
                  receivers=len(self.receivers), stages=[name for name, _ in self.stages])
         while not self.stopping.wait(1.0):
@@ -209,7 +235,8 @@ class Node:
     def _spawn_receiver(self, index: int) -> None:
         per_process = math.ceil(self.config.node.max_associations / self.config.node.receivers)
         proc = self._mp.Process(target=receiver_main, name=f"cxr-receiver-{index}",
-                                args=(self.config, per_process, self._ready, index))
+                                args=(self.config, per_process, self._ready, index,
+                                      self._arrivals))
         proc.start()
         self.receivers.append(proc)
 

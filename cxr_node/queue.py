@@ -44,11 +44,11 @@ IN_FLIGHT = ("queued", "drafting")
 class Inputs:
     """What the model is given for one study: the chosen images, and why others were left out."""
 
-    images: list[dict[str, str]]  # sop_instance_uid, sha256, view, path
+    images: list[dict[str, Any]]  # sop_instance_uid, instance_id (its stored copy), view, path
     dropped: list[list[str]]
 
-    def key(self) -> list[tuple[str, str]]:
-        return sorted((i["sop_instance_uid"], i["sha256"]) for i in self.images)
+    def key(self) -> list[tuple[str, int]]:
+        return sorted((i["sop_instance_uid"], i["instance_id"]) for i in self.images)
 
     def to_json(self) -> str:
         return json.dumps({"images": self.images, "dropped": self.dropped})
@@ -101,7 +101,7 @@ class DraftQueue:
             return self._fail(study, f"no usable image: {exc}")
         inputs = Inputs(
             images=[{"sop_instance_uid": img.sop_instance_uid, "view": img.view.value,
-                     "sha256": by_uid[img.sop_instance_uid]["sha256"],
+                     "instance_id": by_uid[img.sop_instance_uid]["id"],
                      "path": by_uid[img.sop_instance_uid]["path"]} for img in selection.images],
             dropped=[list(d) for d in selection.dropped],
         )

@@ -13,28 +13,33 @@ GIL, and modalities send concurrently.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
+import queue
+import secrets
+import select
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -45,7 +50,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -53,11 +57,15 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from cxr_node import audit
 from cxr_node.config import Config
-from cxr_node.durable import free_mb, private_dir, write_atomic
+from cxr_node.durable import free_mb, move_durably, private_dir, write_atomic
 from cxr_node.imaging import view_of
 from cxr_node.logs import study_key
 from cxr_node.store import InstanceRecord, Store
@@ -121,25 +129,30 @@ class Header:
     instance_number: int | None
 
     @classmethod
-    def parse(cls, meta: bytes, stream: bytes, sop_class: str, sop_instance: str) -> Header:
-        """Read the header of the dataset as sent, and check that its Pixel Data is complete."""
+    def parse(cls, path: Path, sop_class: str, sop_instance: str) -> Header:
+        """Read the header of a received Part-10 file, and check that its Pixel Data is complete.
+
+        Only the header is read: the Pixel Data is checked from its element header and the
+        file's size.
+        """
         try:
-            fp = io.BytesIO(meta + stream)
-            ds = dcmread(fp, stop_before_pixels=True)
-            ts = ds.file_meta.TransferSyntaxUID
-            missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "")).strip()]
-            if missing:
-                raise Rejected(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
-            if ds.SOPInstanceUID != sop_instance or ds.SOPClassUID != sop_class:
-                raise Rejected(
-                    DATASET_MISMATCH, "SOP Class/Instance UID differ from the C-STORE request"
-                )
-            if ts == DeflatedExplicitVRLittleEndian:
-                problem = _inflated_pixel_data_problem(meta + stream)
-            else:
-                problem = _pixel_data_problem(stream, fp.tell() - len(meta), ds, ts)
-            if problem:
-                raise Rejected(CANNOT_UNDERSTAND, problem)
+            with path.open("rb") as fh:
+                ds = dcmread(fh, stop_before_pixels=True)
+                at, size = fh.tell(), os.fstat(fh.fileno()).st_size
+                ts = ds.file_meta.TransferSyntaxUID
+                missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "")).strip()]
+                if missing:
+                    raise Rejected(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
+                if ds.SOPInstanceUID != sop_instance or ds.SOPClassUID != sop_class:
+                    raise Rejected(
+                        DATASET_MISMATCH, "SOP Class/Instance UID differ from the C-STORE request"
+                    )
+                if ts == DeflatedExplicitVRLittleEndian:
+                    problem = _inflated_pixel_data_problem(path)
+                else:
+                    problem = _pixel_data_problem(fh, at, size, ds, ts)
+                if problem:
+                    raise Rejected(CANNOT_UNDERSTAND, problem)
             number = ds.get("InstanceNumber")
             return cls(
                 study_uid=str(ds.StudyInstanceUID),
@@ -159,9 +172,38 @@ class Header:
             raise Rejected(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
 
 
-def _inflated_pixel_data_problem(part10: bytes) -> str | None:
+def dataset_span(fh: BinaryIO) -> tuple[int, int]:
+    """Where the dataset starts in a Part-10 file (after preamble, "DICM" and the File Meta
+    group, whose first element gives its length) and how many bytes it has."""
+    fh.seek(0)
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("not a Part-10 file with a File Meta group length")
+    (group_length,) = struct.unpack_from("<I", head, 140)
+    offset = 144 + group_length
+    return offset, os.fstat(fh.fileno()).st_size - offset
+
+
+def same_dataset(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """Whether two Part-10 files hold the same dataset bytes (their File Meta may differ)."""
+    try:
+        with a.open("rb") as fa, b.open("rb") as fb:
+            (start_a, size_a), (start_b, size_b) = dataset_span(fa), dataset_span(fb)
+            if size_a != size_b:
+                return False
+            fa.seek(start_a)
+            fb.seek(start_b)
+            while block := fa.read(chunk):
+                if block != fb.read(chunk):
+                    return False
+            return True
+    except (OSError, ValueError):
+        return False  # a copy that cannot be read is not the same
+
+
+def _inflated_pixel_data_problem(path: Path) -> str | None:
     """The deflated syntax hides the element layout: inflate the whole dataset and compare."""
-    ds = dcmread(io.BytesIO(part10))
+    ds = dcmread(path)
     if "PixelData" not in ds:
         return "no Pixel Data" if "Rows" in ds else None
     needed = _native_length(ds)
@@ -170,28 +212,34 @@ def _inflated_pixel_data_problem(part10: bytes) -> str | None:
     return None
 
 
-def _pixel_data_problem(stream: bytes, at: int, ds: Dataset, ts: UID) -> str | None:
-    """Why the Pixel Data is incomplete, or None. pydicom parses a cut file without complaint."""
-    if at >= len(stream):
+def _pixel_data_problem(fh: BinaryIO, at: int, size: int, ds: Dataset, ts: UID) -> str | None:
+    """Why the Pixel Data is incomplete, or None. pydicom parses a cut file without complaint.
+
+    ``at`` is where pydicom stopped (the first pixel-like tag), ``size`` the file's length.
+    """
+    if at >= size:
         return "no Pixel Data" if "Rows" in ds else None
-    tag_group, tag_elem = struct.unpack_from("<HH", stream, at)
+    fh.seek(at)
+    head = fh.read(12)
+    tag_group, tag_elem = struct.unpack_from("<HH", head)
     if (tag_group << 16 | tag_elem) != PIXEL_DATA:
         return None  # stopped at a pixel-like tag other than Pixel Data (float/double data)
     if ts.is_implicit_VR:
-        (length,), header = struct.unpack_from("<I", stream, at + 4), 8
+        (length,), header = struct.unpack_from("<I", head, 4), 8
     else:
-        (length,), header = struct.unpack_from("<I", stream, at + 8), 12
+        (length,), header = struct.unpack_from("<I", head, 8), 12
     start = at + header
     if length != 0xFFFFFFFF:
         needed = _native_length(ds)
-        if start + length > len(stream):
-            return f"Pixel Data truncated: {len(stream) - start} of {length} bytes"
+        if start + length > size:
+            return f"Pixel Data truncated: {size - start} of {length} bytes"
         if needed and length < needed:
             return f"Pixel Data has {length} bytes, the image needs {needed}"
         return None
     pos = start
-    while pos + 8 <= len(stream):
-        group, elem, item_len = struct.unpack_from("<HHI", stream, pos)
+    while pos + 8 <= size:
+        fh.seek(pos)
+        group, elem, item_len = struct.unpack("<HHI", fh.read(8))
         tag = group << 16 | elem
         if tag == SEQ_DELIMITER:
             return None
@@ -211,31 +259,41 @@ def _native_length(ds: Dataset) -> int:
 
 
 class Spool:
-    """Where received files live: one folder per study, plus a quarantine for what was refused."""
+    """Where received files live: one folder per study, plus a quarantine for what was refused.
+
+    pynetdicom streams each incoming dataset, as it arrives, into a Part-10 file in ``incoming``
+    (on the spool's file system); a kept instance is then only fsynced and renamed into place,
+    never copied.
+    """
 
     def __init__(self, root: Path, quarantine: Path, fsync: bool = True):
         self.root = private_dir(root)
+        self.incoming = private_dir(root / ".incoming")
         self.quarantine_dir = private_dir(quarantine)
         self.fsync = fsync
 
     def remove_partial_files(self) -> int:
-        """Temp files of transfers cut by a crash; their instances were never acknowledged."""
-        partial = list(self.root.rglob(".tmp-*"))
+        """Transfers cut by a crash; their instances were never acknowledged."""
+        partial = [*self.root.rglob(".tmp-*"), *self.incoming.iterdir()]
         for path in partial:
             path.unlink(missing_ok=True)
         return len(partial)
 
-    def path_for(self, header: Header, sha256: str) -> Path:
-        return self.root / study_key(header.study_uid) / f"{header.sop_instance_uid}.{sha256[:12]}.dcm"
+    def path_for(self, header: Header) -> Path:
+        """A new name for each copy: two copies with one SOP Instance UID can both be kept."""
+        name = f"{header.sop_instance_uid}.{secrets.token_hex(6)}.dcm"
+        return self.root / study_key(header.study_uid) / name
 
-    def write(self, path: Path, meta: bytes, stream: bytes) -> None:
-        write_atomic(path, [meta, stream], fsync=self.fsync)
+    def keep(self, received: Path, path: Path) -> None:
+        """Make the received file durable under its spool name."""
+        move_durably(received, path, fsync=self.fsync)
 
-    def quarantine(self, meta: bytes, stream: bytes, reason: str, context: dict[str, Any]) -> Path:
+    def quarantine(self, received: Path, reason: str, context: dict[str, Any]) -> Path:
         """Keep refused bytes with the reason, for IT to inspect; never silently dropped."""
-        digest = hashlib.sha256(stream).hexdigest()
+        with received.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
         path = self.quarantine_dir / f"{time.strftime('%Y%m%d')}-{digest[:16]}.dcm"
-        write_atomic(path, [meta, stream], fsync=self.fsync)
+        move_durably(received, path, fsync=self.fsync)
         note = {"reason": reason, "received_at": time.time(), **context}
         write_atomic(path.with_suffix(".json"), json.dumps(note, indent=1).encode(), self.fsync)
         return path
@@ -244,9 +302,10 @@ class Spool:
 class StorageSCP:
     """The C-STORE/C-ECHO service: small event handlers that each do one thing."""
 
-    def __init__(self, config: Config, store: Store):
+    def __init__(self, config: Config, store: Store, on_stored: Callable[[], None] = lambda: None):
         self.config = config
         self.store = store
+        self.on_stored = on_stored  # tells the assemble stage, in the node process, to look
         self.spool = Spool(config.spool_dir, config.quarantine_dir, fsync=config.node.fsync)
         self.min_free_mb = config.node.min_free_disk_mb
 
@@ -313,54 +372,58 @@ class StorageSCP:
             audit.instance_refused("refused", OUT_OF_RESOURCES, event.request,
                                    "free disk below node.min_free_disk_mb", **context)
             return _status(OUT_OF_RESOURCES, "Node disk full; retry later")
-        meta_ds = event.file_meta
-        meta_ds.SourceApplicationEntityTitle = rq.ae_title
-        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(meta_ds)
-        stream = event.encoded_dataset(include_meta=False)
+        received = event.dataset_path  # pynetdicom removes it after we answer, unless moved
         try:
             header = Header.parse(
-                meta, stream, event.request.AffectedSOPClassUID,
-                event.request.AffectedSOPInstanceUID,
+                received, event.request.AffectedSOPClassUID, event.request.AffectedSOPInstanceUID,
             )
         except Rejected as exc:
-            where = self.spool.quarantine(meta, stream, exc.reason, context)
+            where = self.spool.quarantine(received, exc.reason, context)
             log.warning("instance.quarantined", reason=exc.reason, file=where.name,
                         status=f"0x{exc.status:04X}", **context)
             audit.instance_refused("quarantined", exc.status, event.request, exc.reason, **context)
             return _status(exc.status, exc.reason)
         try:
-            return self._keep(header, meta, stream, meta_ds.TransferSyntaxUID, context)
+            return self._keep(header, received, event.context.transfer_syntax, context)
         except OSError as exc:
             log.error("instance.refused", reason=f"cannot store: {exc.strerror}", **context)
             audit.instance_refused("refused", OUT_OF_RESOURCES, event.request,
                                    f"cannot store: {exc.strerror}", **context)
             return _status(OUT_OF_RESOURCES, "Node cannot store now; retry later")
 
-    def _keep(self, header: Header, meta: bytes, stream: bytes, ts: str,
-              context: dict[str, str]) -> int:
-        sha256 = hashlib.sha256(stream).hexdigest()
+    def _keep(self, header: Header, received: Path, ts: str, context: dict[str, str]) -> int:
+        """Index the instance unless an identical copy is already kept.
+
+        Content is compared only with the stored copies of the same SOP Instance UID (a re-send),
+        never hashed: on the common path the received file is renamed into place untouched.
+        """
         key = study_key(header.study_uid)
-        if self.store.has_instance(header.sop_instance_uid, sha256):
-            log.info("instance.duplicate", study=key, **context)
-            audit.instance_kept("duplicate", header.sop_class_uid, header.sop_instance_uid,
-                                header.study_uid, **context)
-            return SUCCESS
-        path = self.spool.path_for(header, sha256)
-        self.spool.write(path, meta, stream)
+        copies = self.store.copies_of(header.sop_instance_uid)
+        if any(same_dataset(received, path) for path in copies.values()):
+            return self._duplicate(header, key, context)
+        path = self.spool.path_for(header)
+        with received.open("rb") as fh:
+            _, size = dataset_span(fh)
+        self.spool.keep(received, path)
         recorded = self.store.record_instance(
             InstanceRecord(
-                sop_instance_uid=header.sop_instance_uid, sha256=sha256,
+                sop_instance_uid=header.sop_instance_uid,
                 study_uid=header.study_uid, series_uid=header.series_uid,
                 sop_class_uid=header.sop_class_uid, transfer_syntax=str(ts),
                 modality=header.modality, body_part=header.body_part,
                 view_position=header.view_position, view=header.view,
-                instance_number=header.instance_number, path=str(path), size=len(stream),
+                instance_number=header.instance_number, path=str(path), size=size,
                 calling_ae=context["calling_ae"], peer=context["peer"],
-            )
+            ),
+            same_content=lambda other: same_dataset(path, other), compared=copies.keys(),
         )
+        if recorded.outcome == "duplicate":  # another association stored the same copy meanwhile
+            path.unlink()
+            return self._duplicate(header, key, context)
+        self.on_stored()
         level = log.warning if recorded.outcome == "conflict" else log.info
         level(f"instance.{recorded.outcome}", study=key, modality=header.modality,
-              view=header.view, bytes=len(stream), **context)
+              view=header.view, bytes=size, **context)
         audit.instance_kept(recorded.outcome, header.sop_class_uid, header.sop_instance_uid,
                             header.study_uid, **context)
         if recorded.reopened:
@@ -368,6 +431,12 @@ class StorageSCP:
             log.info("study.state", study=key, revision=study.revision, state=study.state,
                      reason=study.reason)
             audit.study_state(study, study.state, study.reason)
+        return SUCCESS
+
+    def _duplicate(self, header: Header, key: str, context: dict[str, str]) -> int:
+        log.info("instance.duplicate", study=key, **context)
+        audit.instance_kept("duplicate", header.sop_class_uid, header.sop_instance_uid,
+                            header.study_uid, **context)
         return SUCCESS
 
 
@@ -380,6 +449,71 @@ def _status(status: int, comment: str) -> Dataset:
 
 def _title(value: str | bytes) -> str:
     return (value.decode("ascii", "replace") if isinstance(value, bytes) else value).strip()
+
+
+IDLE_WAIT_SECONDS = 0.004
+"""How long an association's threads wait for work before they look around again."""
+
+
+class BulkReadSocket(AssociationSocket):
+    """A socket that reads a PDU in one piece and lets its reader wait until data comes.
+
+    pynetdicom reads 4 KiB per call and appends each piece to a growing bytearray: ~2,500 calls
+    and as many copies for one 10 MB image, on a thread that competes with the others for the
+    GIL. Its reader thread also polls the socket every millisecond while the peer is quiet (while
+    a store is being written, say); here it waits on the socket instead, and wakes as soon as data
+    comes. Our own replies wait for it to look round, ``IDLE_WAIT_SECONDS`` at most.
+    """
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or not self._is_connected:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], IDLE_WAIT_SECONDS)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport closed, as pynetdicom signals it
+            return False
+        return bool(readable)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        buffer = bytearray(nr_bytes)
+        got = 0
+        with memoryview(buffer) as view:
+            while got < nr_bytes:
+                read = self.socket.recv_into(view[got:])
+                if not read:  # connection closed: return what came, as pynetdicom does
+                    break
+                got += read
+        del buffer[got:]
+        return buffer
+
+
+class MessageQueue(queue.Queue):  # type: ignore[type-arg]
+    """The queue of decoded DIMSE messages, whose non-blocking ``get`` waits a moment.
+
+    The association's own thread asks it for a message every millisecond; waiting on the queue
+    instead wakes it as soon as a message is decoded and spares a thousand wake-ups a second.
+    """
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not block:
+            block, timeout = True, IDLE_WAIT_SECONDS
+        return super().get(block, timeout)
+
+
+class AcceptorHandler(RequestHandler):
+    """pynetdicom's handler for a new connection, with the quieter socket and message queue."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = BulkReadSocket  # same state, only reading differs
+        assoc.dimse.msg_queue = MessageQueue()  # still empty: the association starts later
+        return assoc
 
 
 class SharedPortServer(ThreadedAssociationServer):
@@ -435,16 +569,21 @@ class Receiver:
     """One receiver process: an AE listening on the node's port until told to stop."""
 
     def __init__(self, config: Config, store: Store, associations: int,
-                 ssl_context: Any = None):
+                 ssl_context: Any = None, on_stored: Callable[[], None] = lambda: None):
         _config.LOG_HANDLER_LEVEL = "none"
         self.config = config
-        self.scp = StorageSCP(config, store)
+        self.scp = StorageSCP(config, store, on_stored)
+        # pynetdicom streams each dataset to a temporary file as it arrives (no copy in memory);
+        # it takes the folder from ``tempfile``, which a receiver process uses for nothing else.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.scp.spool.incoming)
         self.ae = make_ae(config, associations)
         self.server = self.ae.make_server(
             (config.node.host, config.node.port),
             evt_handlers=self.scp.handlers(),
             ssl_context=ssl_context,
             server_class=SharedPortServer,
+            request_handler=AcceptorHandler,
         )
         self.ae._servers.append(self.server)
         self._thread: threading.Thread | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -47,7 +47,6 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY,
     sop_instance_uid TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
@@ -62,10 +61,10 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     calling_ae TEXT NOT NULL,
     peer TEXT NOT NULL,
-    conflict INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (sop_instance_uid, sha256)
+    conflict INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
+CREATE INDEX IF NOT EXISTS instances_by_uid ON instances (sop_instance_uid);
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
     study_key TEXT NOT NULL UNIQUE,
@@ -139,7 +138,6 @@ class InstanceRecord:
     """What the receiver learned about one stored instance."""
 
     sop_instance_uid: str
-    sha256: str
     study_uid: str
     series_uid: str
     sop_class_uid: str
@@ -224,30 +222,37 @@ class Store:
 
     # --- receive -------------------------------------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str, sha256: str) -> bool:
-        row = self.db.execute(
-            "SELECT path FROM instances WHERE sop_instance_uid = ? AND sha256 = ?",
-            (sop_instance_uid, sha256),
-        ).fetchone()
-        return row is not None and Path(row["path"]).exists()
+    def copies_of(self, sop_instance_uid: str) -> dict[int, Path]:
+        """The stored copies of an instance (more than one after a conflict), by row id."""
+        rows = self.db.execute(
+            "SELECT id, path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchall()
+        return {r["id"]: Path(r["path"]) for r in rows}
 
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> Recorded:
-        """Index a stored file and (re)open its study; idempotent for an identical re-send."""
+    def record_instance(self, rec: InstanceRecord, same_content: Callable[[Path], bool],
+                        compared: Collection[int] = (), now: float | None = None) -> Recorded:
+        """Index a stored file and (re)open its study; idempotent for an identical re-send.
+
+        Content is compared only when the SOP Instance UID is already known (``same_content``
+        tells whether a stored copy holds the same dataset); ``compared`` are the copies the
+        caller already found different. Inside the write transaction, so that two associations
+        storing the same instance at once index it once.
+        """
         now = time.time() if now is None else now
         with self.transaction() as db:
             known = db.execute(
-                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+                "SELECT id, path FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
             ).fetchall()
-            if any(r["sha256"] == rec.sha256 for r in known):
+            if any(r["id"] not in compared and same_content(Path(r["path"])) for r in known):
                 return Recorded("duplicate")
             conflict = bool(known)
             db.execute(
-                """INSERT INTO instances (sop_instance_uid, sha256, study_uid, series_uid,
+                """INSERT INTO instances (sop_instance_uid, study_uid, series_uid,
                    sop_class_uid, transfer_syntax, modality, body_part, view_position, view,
                    instance_number, path, size, received_at, calling_ae, peer, conflict)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
                 (
-                    rec.sop_instance_uid, rec.sha256, rec.study_uid, rec.series_uid,
+                    rec.sop_instance_uid, rec.study_uid, rec.series_uid,
                     rec.sop_class_uid, rec.transfer_syntax, rec.modality, rec.body_part,
                     rec.view_position, rec.view, rec.instance_number, rec.path, rec.size, now,
                     rec.calling_ae, rec.peer, int(conflict),

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 
 def make_cxr(
@@ -67,3 +73,28 @@ def write_study(directory: Path, views: list[str], seed: int = 0, **kw: object) 
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset as encoded after the File Meta group (the whole file if it has none)."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        return data
+    (group_length,) = struct.unpack_from("<I", data, 132 + 8)
+    return data[132 + 12 + group_length:]
+
+
+def same_dataset(stored: Path, source: Path) -> bool:
+    """Every element equal, Pixel Data bytes identical (dcmtk pads odd lengths with one byte).
+
+    storescu re-encodes sequences (explicit instead of undefined lengths) when it sends, so the
+    bytes on the wire differ from the source file; what the node must keep is exactly what came.
+    """
+    a = pydicom.dcmread(stored)
+    b = pydicom.dcmread(source, force=True)
+    pa, pb = a.get("PixelData"), b.get("PixelData")
+    if pa != pb and not (pb and len(pa) == len(pb) + 1 and pa.startswith(pb) and pa[-1] == 0):
+        return False
+    for ds in (a, b):
+        ds.pop("PixelData", None)
+    return a == b

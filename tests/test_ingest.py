@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dicomgen import make_cxr, write_study
+from dicomgen import dataset_bytes, make_cxr, same_dataset, write_study
 from nodeproc import (
     NodeProcess,
     free_port,
@@ -33,31 +31,6 @@ pytestmark = pytest.mark.slow
 SUCCESS = "Success"
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The dataset as encoded after the File Meta group (the whole file if it has none)."""
-    data = path.read_bytes()
-    if data[128:132] != b"DICM":
-        return data
-    (group_length,) = struct.unpack_from("<I", data, 132 + 8)
-    return data[132 + 12 + group_length:]
-
-
-def same_dataset(stored: Path, source: Path) -> bool:
-    """Every element equal, Pixel Data bytes identical (dcmtk pads odd lengths with one byte).
-
-    storescu re-encodes sequences (explicit instead of undefined lengths) when it sends, so the
-    bytes on the wire differ from the source file; what the node must keep is exactly what came.
-    """
-    a = pydicom.dcmread(stored)
-    b = pydicom.dcmread(source, force=True)
-    pa, pb = a.get("PixelData"), b.get("PixelData")
-    if pa != pb and not (pb and len(pa) == len(pb) + 1 and pa.startswith(pb) and pa[-1] == 0):
-        return False
-    for ds in (a, b):
-        ds.pop("PixelData", None)
-    return a == b
-
-
 @pytest.fixture()
 def node(tmp_path: Path):
     with NodeProcess(write_config(tmp_path)) as proc:
@@ -70,18 +43,16 @@ def test_real_chest_xrays_are_stored_byte_identical_and_indexed(node: NodeProces
     assert results == {str(f): SUCCESS for f in files}, results
     for f in files:
         source = pydicom.dcmread(f, force=True, stop_before_pixels=True)
-        rows = node.db("SELECT * FROM instances WHERE sop_instance_uid = ? AND sha256 = ?",
-                       source.SOPInstanceUID, hashlib.sha256(dataset_bytes(f)).hexdigest())
-        if not rows:  # dcmtk padded odd-length Pixel Data: same instance, one more byte
-            rows = node.db("SELECT * FROM instances WHERE sop_instance_uid = ?",
-                           source.SOPInstanceUID)
+        rows = node.db("SELECT * FROM instances WHERE sop_instance_uid = ? ORDER BY id",
+                       source.SOPInstanceUID)
         assert rows, f"{f.name} not indexed"
         stored = Path(rows[-1]["path"])
         assert stored.stat().st_mode & 0o777 == 0o600
         assert any(same_dataset(Path(r["path"]), f) for r in rows), f.name
         assert rows[-1]["study_uid"] == source.StudyInstanceUID
         meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
-        assert meta.SourceApplicationEntityTitle == "MODALITY1"
+        assert meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID
+        assert rows[-1]["calling_ae"] == "MODALITY1"
     # 966_fixed and 966_broken share one SOP Instance UID with different content: both kept, flagged
     same_uid = node.db("SELECT conflict FROM instances WHERE sop_instance_uid = ? ORDER BY id",
                        pydicom.dcmread(cxr_dir / "966_fixed.dcm", stop_before_pixels=True).SOPInstanceUID)
@@ -115,10 +86,10 @@ def test_stored_bytes_are_exactly_the_bytes_sent(node: NodeProcess, cxr_dir: Pat
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
     for f in files:
-        sha = hashlib.sha256(dataset_bytes(f)).hexdigest()
-        rows = node.db("SELECT path FROM instances WHERE sha256 = ?", sha)
-        assert len(rows) == 1, f.name
-        assert dataset_bytes(Path(rows[0]["path"])) == dataset_bytes(f)
+        uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        rows = node.db("SELECT path FROM instances WHERE sop_instance_uid = ?", uid)
+        copies = [dataset_bytes(Path(r["path"])) for r in rows]  # 966 fixed/broken share a UID
+        assert copies.count(dataset_bytes(f)) == 1, f.name
 
 
 def test_four_modalities_at_once_store_every_instance_exactly_once(tmp_path: Path):
@@ -169,10 +140,11 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, req
     with NodeProcess(config) as node:
         for f in acknowledged:
             uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-            rows = node.db("SELECT path, sha256 FROM instances WHERE sop_instance_uid = ?", uid)
+            rows = node.db("SELECT path FROM instances WHERE sop_instance_uid = ?", uid)
             assert len(rows) == 1, f
-            assert hashlib.sha256(dataset_bytes(Path(rows[0]["path"]))).hexdigest() == rows[0]["sha256"]
-        assert not list((node.state_dir / "spool").rglob(".tmp-*")), "partial files left behind"
+            assert same_dataset(Path(rows[0]["path"]), f), f
+        spool = node.state_dir / "spool"
+        assert not [*spool.rglob(".tmp-*"), *(spool / ".incoming").iterdir()], "partial files left"
         # the modality retries the rest; every study completes normally
         assert set(storescu(node.port, files).values()) == {SUCCESS}
         assert len(node.db("SELECT 1 FROM instances")) == len(files)
@@ -302,3 +274,21 @@ def test_port_in_use_is_a_clear_start_error(tmp_path: Path):
             capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "cannot listen on 127.0.0.1" in done.stderr
+
+
+def test_copies_compare_by_dataset_bytes_not_file_meta(tmp_path: Path):
+    """A re-send is recognised by its dataset bytes, whatever File Meta each copy was given."""
+    from cxr_node.receive import same_dataset as same_copy
+
+    ds = make_cxr(generate_uid(), rows=16, columns=16)
+    first, second, other = tmp_path / "a.dcm", tmp_path / "b.dcm", tmp_path / "c.dcm"
+    ds.save_as(first, enforce_file_format=True)
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY1"  # a longer File Meta group
+    ds.save_as(second, enforce_file_format=True)
+    assert first.stat().st_size != second.stat().st_size
+    assert same_copy(first, second)
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF  # one pixel differs
+    other.write_bytes(data)
+    assert not same_copy(first, other)
+    assert not same_copy(first, tmp_path / "missing.dcm")
