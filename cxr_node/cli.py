@@ -29,7 +29,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cxr_node.logs import configure_logging
     from cxr_node.node import Node, build_stages
     from cxr_node.store import Store
-
     from cxr_node.tls import check_tls_files
 
     config = _config(args)
@@ -101,9 +100,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_redraft(args: argparse.Namespace) -> int:
-    from cxr_node.store import Store, StudyState
-
     from cxr_node import audit
+    from cxr_node.store import Store, StudyState
 
     config = _config(args)
     store = Store(config.database_path)

@@ -102,7 +102,8 @@ class NodeConfig(_Section):
     port: int = Field(11112, ge=1, le=65535, description="DICOM port")
     state_dir: ConfigPath = Field(Path("/var/lib/cxr-node"),
                                   description="everything the node writes lives here")
-    max_associations: int = Field(16, ge=1, le=512, description="concurrent incoming associations")
+    max_associations: int = Field(
+        16, ge=1, le=512, description="concurrent incoming associations, all receivers together")
     min_free_disk_mb: int = Field(
         2048, ge=0, description="below this free space, C-STORE answers 0xA700 (retry later)")
     receivers: int = Field(2, ge=1, le=64, description="receiver processes sharing the port")

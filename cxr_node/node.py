@@ -8,7 +8,6 @@ from the last committed state.
 from __future__ import annotations
 
 import ctypes
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -115,10 +114,9 @@ def forward_arrivals(arrivals: Any, woken: threading.Event, stopping: threading.
             woken.set()
 
 
-def receiver_main(config: Config, associations: int, ready: Any, index: int,
-                  arrivals: Any) -> None:
+def receiver_main(config: Config, admitted: Any, ready: Any, index: int, arrivals: Any) -> None:
     """Entry point of one receiver process."""
-    from cxr_node.receive import Receiver
+    from cxr_node.receive import Admission, Receiver
     from cxr_node.tls import server_context
 
     die_with_parent()
@@ -133,7 +131,8 @@ def receiver_main(config: Config, associations: int, ready: Any, index: int,
         ready.put((index, f"node.tls: {exc}"))
         return
     try:
-        receiver = Receiver(config, Store(config.database_path), associations, ssl_context,
+        admission = Admission(config.node.max_associations, admitted, index)
+        receiver = Receiver(config, Store(config.database_path), admission, ssl_context,
                             on_stored=arrivals.set)
     except OSError as exc:
         ready.put((index, f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}"))
@@ -154,6 +153,7 @@ class Node:
         self._mp = mp.get_context("spawn")
         self._ready = self._mp.Queue()
         self._arrivals = self._mp.Event()  # set by a receiver process for each new instance
+        self._admitted = self._mp.Array("i", config.node.receivers)  # associations per receiver
         self.receivers: list[mp.process.BaseProcess] = []
         self.worker: subprocess.Popen[bytes] | None = None
         self.http: StatusServer | None = None
@@ -233,9 +233,8 @@ class Node:
         return None
 
     def _spawn_receiver(self, index: int) -> None:
-        per_process = math.ceil(self.config.node.max_associations / self.config.node.receivers)
         proc = self._mp.Process(target=receiver_main, name=f"cxr-receiver-{index}",
-                                args=(self.config, per_process, self._ready, index,
+                                args=(self.config, self._admitted, self._ready, index,
                                       self._arrivals))
         proc.start()
         self.receivers.append(proc)

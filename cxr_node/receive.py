@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import queue
 import secrets
@@ -299,12 +300,46 @@ class Spool:
         return path
 
 
+class Admission:
+    """The node-wide limit on concurrent associations (``node.max_associations``), shared by the
+    receiver processes.
+
+    The kernel hands each connection to one of the processes on the port by a hash, not by load:
+    a limit per process would turn a modality away while another process had room.
+    """
+
+    def __init__(self, limit: int, counts: Any = None, index: int = 0):
+        self.limit = limit
+        self.counts = counts if counts is not None else multiprocessing.Array("i", 1)
+        self.index = index
+        self._mine: set[int] = set()
+        with self.counts.get_lock():
+            self.counts[index] = 0  # a restarted receiver process holds none
+
+    def enter(self, assoc: Any) -> bool:
+        with self.counts.get_lock():
+            if sum(self.counts[:]) >= self.limit:
+                return False
+            self.counts[self.index] += 1
+        self._mine.add(id(assoc))
+        return True
+
+    def leave(self, assoc: Any) -> None:
+        """Called when the association's thread ends, however it ended."""
+        if id(assoc) in self._mine:
+            self._mine.discard(id(assoc))
+            with self.counts.get_lock():
+                self.counts[self.index] -= 1
+
+
 class StorageSCP:
     """The C-STORE/C-ECHO service: small event handlers that each do one thing."""
 
-    def __init__(self, config: Config, store: Store, on_stored: Callable[[], None] = lambda: None):
+    def __init__(self, config: Config, store: Store, admission: Admission,
+                 on_stored: Callable[[], None] = lambda: None):
         self.config = config
         self.store = store
+        self.admission = admission
         self.on_stored = on_stored  # tells the assemble stage, in the node process, to look
         self.spool = Spool(config.spool_dir, config.quarantine_dir, fsync=config.node.fsync)
         self.min_free_mb = config.node.min_free_disk_mb
@@ -323,19 +358,25 @@ class StorageSCP:
     # --- association ---------------------------------------------------------------------------
 
     def on_requested(self, event: evt.Event) -> None:
-        """Reject a calling AE title / address pair no accept rule allows (PS3.8 A-ASSOCIATE-RJ)."""
+        """Reject a calling AE title / address pair no accept rule allows (PS3.8 A-ASSOCIATE-RJ),
+        and, for a while, an association over the node's limit (transient: "local limit")."""
         rq = event.assoc.requestor
         calling, called = _title(rq.primitive.calling_ae_title), _title(rq.primitive.called_ae_title)
         address = rq.address
         if called != self.config.node.ae_title:
-            reason, diagnostic = f"called AE title {called!r} is not {self.config.node.ae_title!r}", 7
+            reason, rejection = f"called AE title {called!r} is not {self.config.node.ae_title!r}", (
+                0x01, 0x01, 0x07)
         elif not any(rule.allows(calling, address) for rule in self.config.accept):
-            reason, diagnostic = f"no accept rule allows AE {calling!r} from {address}", 3
+            reason, rejection = f"no accept rule allows AE {calling!r} from {address}", (
+                0x01, 0x01, 0x03)
+        elif not self.admission.enter(event.assoc):
+            reason, rejection = (f"node busy: {self.admission.limit} associations open "
+                                 "(node.max_associations)"), (0x02, 0x03, 0x02)
         else:
             return
         log.warning("association.rejected", calling_ae=calling, peer=address, reason=reason)
-        audit.association_rejected(calling, address, reason, diagnostic)
-        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        audit.association_rejected(calling, address, reason, rejection[2])
+        event.assoc.acse.send_reject(*rejection)
         event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
 
     def on_conn_close(self, event: evt.Event) -> None:
@@ -507,12 +548,22 @@ class MessageQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class AcceptorHandler(RequestHandler):
-    """pynetdicom's handler for a new connection, with the quieter socket and message queue."""
+    """pynetdicom's handler for a new connection, with the quieter socket and message queue, and
+    the association's slot given back when its thread ends."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = BulkReadSocket  # same state, only reading differs
         assoc.dimse.msg_queue = MessageQueue()  # still empty: the association starts later
+        run, admission = assoc.run, self.server.admission
+
+        def run_then_leave() -> None:
+            try:
+                run()
+            finally:
+                admission.leave(assoc)
+
+        assoc.run = run_then_leave  # the thread is not started yet
         return assoc
 
 
@@ -528,6 +579,7 @@ class SharedPortServer(ThreadedAssociationServer):
     """
 
     daemon_threads = True  # a handshake still running never holds up the receiver's stop
+    admission: Admission
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -551,10 +603,12 @@ class SharedPortServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
-def make_ae(config: Config, associations: int) -> AE:
+def make_ae(config: Config) -> AE:
     """The application entity with our presentation contexts and time-outs."""
     ae = AE(ae_title=config.node.ae_title)
-    ae.maximum_associations = associations
+    # pynetdicom's own count (per process, and counting connections that have not negotiated
+    # yet) is only a backstop; ``Admission`` applies the node-wide limit.
+    ae.maximum_associations = config.node.max_associations
     ae.maximum_pdu_size = config.node.max_pdu_bytes
     ae.acse_timeout = config.node.acse_timeout_seconds
     ae.network_timeout = config.node.network_timeout_seconds
@@ -568,16 +622,16 @@ def make_ae(config: Config, associations: int) -> AE:
 class Receiver:
     """One receiver process: an AE listening on the node's port until told to stop."""
 
-    def __init__(self, config: Config, store: Store, associations: int,
+    def __init__(self, config: Config, store: Store, admission: Admission,
                  ssl_context: Any = None, on_stored: Callable[[], None] = lambda: None):
         _config.LOG_HANDLER_LEVEL = "none"
         self.config = config
-        self.scp = StorageSCP(config, store, on_stored)
+        self.scp = StorageSCP(config, store, admission, on_stored)
         # pynetdicom streams each dataset to a temporary file as it arrives (no copy in memory);
         # it takes the folder from ``tempfile``, which a receiver process uses for nothing else.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.scp.spool.incoming)
-        self.ae = make_ae(config, associations)
+        self.ae = make_ae(config)
         self.server = self.ae.make_server(
             (config.node.host, config.node.port),
             evt_handlers=self.scp.handlers(),
@@ -585,6 +639,7 @@ class Receiver:
             server_class=SharedPortServer,
             request_handler=AcceptorHandler,
         )
+        self.server.admission = admission
         self.ae._servers.append(self.server)
         self._thread: threading.Thread | None = None
 

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -292,3 +293,27 @@ def test_copies_compare_by_dataset_bytes_not_file_meta(tmp_path: Path):
     other.write_bytes(data)
     assert not same_copy(first, other)
     assert not same_copy(first, tmp_path / "missing.dcm")
+
+
+def test_association_limit_is_node_wide_not_per_receiver_process(tmp_path: Path):
+    """The kernel spreads connections over the receiver processes by hash: all four modalities
+    get in, whichever processes they land on, and the fifth is told to retry later."""
+    config = write_config(tmp_path, node={"max_associations": 4, "receivers": 4})
+
+    def associate() -> Any:
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", node.port, ae_title="CXR_NODE")
+
+    with NodeProcess(config) as node:
+        held = [associate() for _ in range(4)]
+        assert all(a.is_established for a in held)
+        extra = associate()
+        assert extra.is_rejected
+        rejection = extra.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        assert any("node busy" in e["reason"] for e in node.events("association.rejected"))
+        held.pop().release()
+        assert wait_for(lambda: (a := associate()).is_established and a.release() is None, 10)
+        for a in held:
+            a.release()
