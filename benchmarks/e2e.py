@@ -256,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "config/single-machine.yaml allows)")
     default_poll = QueueConfig().poll_interval_seconds
     parser.add_argument("--poll-interval", type=float, default=default_poll,
-                        help="queue.poll_interval_seconds: how often each stage and the embedded "
-                             f"broker look for work (default {default_poll:g}, the product default)")
+                        help="queue.poll_interval_seconds: how often idle stages look for work "
+                             f"(default {default_poll:g}, the product default)")
     parser.add_argument("--modes", default="one-at-a-time,burst",
                         help="one-at-a-time, burst or both (default both)")
     args = parser.parse_args(argv)

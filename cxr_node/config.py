@@ -206,7 +206,9 @@ class QueueConfig(_Section):
     )
     max_attempts: int = Field(3, ge=1, description="submissions of one study before it fails")
     poll_interval_seconds: float = Field(
-        0.05, gt=0, le=5, description="how often stages and the embedded broker look for work")
+        0.05, gt=0, le=5, description=(
+            "how often idle stages look for work (results while a draft is out, and the embedded "
+            "broker's worker: every 0.02 s at most)"))
 
     @field_validator("broker")
     @classmethod

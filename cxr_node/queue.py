@@ -38,6 +38,8 @@ from workers.payload import TASK_NAME, DraftRequest, encode_image
 log = structlog.get_logger("cxr_node.queue")
 
 IN_FLIGHT = ("queued", "drafting")
+RESULT_POLL_SECONDS = 0.02
+"""How often results are looked for while a task is out (a draft is the wait the user sees)."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,17 @@ class DraftQueue:
         self.app = app or make_celery(config)
         self.clock = clock
         self._pixels: dict[int, list[Any]] = {}  # job id -> prepared images, until sent
+        self._awaiting = False
 
     def step(self) -> int:
-        return self._collect() + self._expire() + self._claim() + self._send()
+        moved = self._collect() + self._expire() + self._claim() + self._send()
+        self._awaiting = self.store.db.execute(
+            f"SELECT 1 FROM jobs WHERE state IN {IN_FLIGHT} LIMIT 1").fetchone() is not None
+        return moved
+
+    def seconds_until_due(self) -> float | None:
+        """Look for results more often than the poll interval while a task is out."""
+        return RESULT_POLL_SECONDS if self._awaiting else None
 
     # --- stable -> queued ----------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ from cxr_node.config import Config, broker_password
 from workers.payload import TASK_NAME
 
 RESULT_EXPIRES_SECONDS = 24 * 3600
+EMBEDDED_PICKUP_SECONDS = 0.02
+"""How often a worker on the embedded broker looks for a task (a folder listing: cheap)."""
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -135,7 +137,7 @@ def make_celery(config: Config) -> Celery:
                 "store_processed": True,  # taken messages go to our 0700 folder, not /tmp
                 "processed_folder": str(folders["processed"]),
                 "control_folder": str(folders["control"]),
-                "polling_interval": q.poll_interval_seconds,
+                "polling_interval": min(q.poll_interval_seconds, EMBEDDED_PICKUP_SECONDS),
             },
             result_backend=f"{__name__}:AtomicFilesystemBackend+file://{folders['results']}",
             # Remote control binds one fanout queue per worker in the control folder; a killed
