@@ -10,6 +10,8 @@ What the node does meanwhile: receive, fsync, index and assemble; the routing ru
 each study (modality DX only; the files are CR), so no drafting competes for the CPU, while the
 pipeline threads poll as in production. storescp only writes to the page cache (it has no fsync
 option): "sync after" is the write-back it leaves behind, and "images/s incl. sync" counts it.
+At the highest load, `storescp --ignore` (receives, stores nothing) shows the most any receiver
+can take from these senders on this machine.
 
     .venv/bin/python benchmarks/ingest.py              # the tables in benchmarks/README.md
     .venv/bin/python benchmarks/ingest.py --quick      # smoke run, < 1 min
@@ -330,18 +332,16 @@ def throughput_table(runs: Sequence[Run]) -> str:
 
 # py-spy (Python-level, wall time of non-idle threads): (label, frames); the first match wins.
 PY_SPY_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("C-STORE: write + fsync spool file (durable.write_atomic)", ("write_atomic (",)),
+    ("C-STORE: fsync + rename into the spool (durable.move_durably)", ("move_durably (",)),
     ("C-STORE: SQLite index + commit (Store.record_instance)",
-     ("record_instance (", "has_instance (")),
+     ("record_instance (", "copies_of (")),
     ("C-STORE: header parse + pixel check (Header.parse)", ("parse (cxr_node/receive.py",)),
-    ("C-STORE: dataset bytes (encoded_dataset, file meta)",
-     ("encoded_dataset (", "encode_file_meta (")),
-    ("C-STORE: sha256, logging, dispatch (rest of on_c_store)", ("on_c_store (",)),
-    ("socket recv (pynetdicom reads 4 KiB per recv call)", ("recv (pynetdicom/transport.py",)),
-    ("PDU decode + DIMSE reassembly (pynetdicom)",
+    ("C-STORE: compare with kept copies, logging, audit (rest of on_c_store)", ("on_c_store (",)),
+    ("socket: waiting for and reading PDUs (BulkReadSocket)",
+     ("ready (cxr_node/receive.py", "recv (cxr_node/receive.py")),
+    ("PDU decode + DIMSE reassembly, fragments written to the incoming file (pynetdicom)",
      ("_decode_pdu (", "decode_msg (", "do_action (")),
-    ("pynetdicom reactor loops: time.sleep(0.001), then waiting for the GIL",
-     ("|leaf:run_reactor", "|leaf:_run_reactor")),
+    ("pynetdicom reactor loops (waits, then the GIL)", ("|leaf:run_reactor", "|leaf:_run_reactor")),
 )
 
 # perf (on-CPU time, kernel included), matched against "dso symbol"; the first match wins.
@@ -356,7 +356,6 @@ PERF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernel: scheduling, sleeps, futex (GIL hand-offs)",
      ("] finish_task_switch", "] schedule", "] futex", "] nanosleep",
       "] _raw_spin_unlock_irqrestore")),
-    ("sha256 (libcrypto)", ("libcrypto",)),
     ("memory copies (libc memmove)", ("memmove", "memcpy")),
     ("malloc / free (libc, Python)",
      ("malloc", "_int_free", "cfree", "_PyObject_Free", "_int_malloc")),
