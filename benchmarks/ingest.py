@@ -496,9 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--columns", type=int, default=2048, help="image columns (default 2048)")
     parser.add_argument("--associations", type=positive_ints, default=[1, 4, 8],
                         help="concurrent associations (default 1,4,8)")
-    parser.add_argument("--receivers", type=positive_ints, default=[2, 1, 4],
+    parser.add_argument("--receivers", type=positive_ints, default=[4, 2, 8],
                         help="node.receivers: the first throughout, the others also tried at the "
-                             "highest association count (default 2,1,4)")
+                             "highest association count (default 4,2,8)")
     parser.add_argument("--no-fsync-off", dest="fsync_off", action="store_false",
                         help="skip the node.fsync=false run at the highest association count")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant (default 3)")

@@ -106,7 +106,8 @@ class NodeConfig(_Section):
         16, ge=1, le=512, description="concurrent incoming associations, all receivers together")
     min_free_disk_mb: int = Field(
         2048, ge=0, description="below this free space, C-STORE answers 0xA700 (retry later)")
-    receivers: int = Field(2, ge=1, le=64, description="receiver processes sharing the port")
+    receivers: int = Field(4, ge=1, le=64, description=(
+        "receiver processes sharing the port (the GIL: more processes than cores still helps)"))
     fsync: bool = Field(True, description="fsync each instance before answering success")
     max_pdu_bytes: int = Field(0, ge=0, description="largest PDU we receive; 0 = unlimited")
     acse_timeout_seconds: float = Field(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import queue
 import secrets
@@ -308,9 +307,10 @@ class Admission:
     a limit per process would turn a modality away while another process had room.
     """
 
-    def __init__(self, limit: int, counts: Any = None, index: int = 0):
+    def __init__(self, limit: int, counts: Any, index: int):
+        """``counts``: a ``multiprocessing.Array`` with one slot per receiver process."""
         self.limit = limit
-        self.counts = counts if counts is not None else multiprocessing.Array("i", 1)
+        self.counts = counts
         self.index = index
         self._mine: set[int] = set()
         with self.counts.get_lock():
