@@ -279,6 +279,19 @@ class Spool:
             path.unlink(missing_ok=True)
         return len(partial)
 
+    def remove_abandoned(self, idle_seconds: float) -> int:
+        """Incoming files nobody has written to for ``idle_seconds``: transfers that were cut."""
+        cutoff = time.time() - idle_seconds
+        removed = 0
+        for path in self.incoming.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # finished (moved) or removed by another receiver meanwhile
+        return removed
+
     def path_for(self, header: Header) -> Path:
         """A new name for each copy: two copies with one SOP Instance UID can both be kept."""
         name = f"{header.sop_instance_uid}.{secrets.token_hex(6)}.dcm"
@@ -398,6 +411,11 @@ class StorageSCP:
         rq = event.assoc.requestor
         log.info("association.ended", calling_ae=rq.ae_title, peer=rq.address,
                  how=event.event.name.removeprefix("EVT_").lower())
+        # An aborted transfer leaves its partial file behind; once no association could still be
+        # writing it (the network timeout would have ended that one), it goes.
+        removed = self.spool.remove_abandoned(self.config.node.network_timeout_seconds + 60)
+        if removed:
+            log.warning("spool.partial_files_removed", count=removed)
 
     # --- services ------------------------------------------------------------------------------
 

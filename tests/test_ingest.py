@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -317,3 +318,43 @@ def test_association_limit_is_node_wide_not_per_receiver_process(tmp_path: Path)
         assert wait_for(lambda: (a := associate()).is_established and a.release() is None, 10)
         for a in held:
             a.release()
+
+
+def test_partial_files_of_cut_transfers_are_removed_while_running(tmp_path: Path):
+    """A transfer aborted mid-dataset leaves a partial file; the node does not wait for a restart
+    to clear it, but never touches one that may still be written."""
+    config = write_config(tmp_path, node={"network_timeout_seconds": 30})
+    with NodeProcess(config) as node:
+        incoming = node.state_dir / "spool" / ".incoming"
+        abandoned, recent = incoming / "tmpabandoned.dcm", incoming / "tmprecent.dcm"
+        for path in (abandoned, recent):
+            path.write_bytes(b"\x00" * 1000)
+        old = time.time() - 600
+        os.utime(abandoned, (old, old))
+        source = tmp_path / "send"
+        source.mkdir()
+        image = write_study(source, ["PA"], rows=32, columns=32)
+        assert set(storescu(node.port, image).values()) == {SUCCESS}
+        assert wait_for(lambda: not abandoned.exists(), 10)
+        assert recent.exists()
+        assert node.events("spool.partial_files_removed")
+
+
+def test_a_study_with_both_views_is_taken_on_at_once_not_at_the_next_poll(tmp_path: Path):
+    """The receiver processes wake the assemble stage: with stages polling only every 5 s, three
+    two-view studies sent 1.7 s apart are each found stable within a second of their last image
+    (polls alone could serve at most one of them that fast)."""
+    config = write_config(tmp_path, study={"settle_seconds": 60},
+                          queue={"poll_interval_seconds": 5})
+    source = tmp_path / "send"
+    source.mkdir()
+    studies = [write_study(source, ["PA", "LL"], seed=i, rows=32, columns=32) for i in range(3)]
+    with NodeProcess(config) as node:
+        for study in studies:
+            assert set(storescu(node.port, study).values()) == {SUCCESS}
+            time.sleep(1.7)
+        delays = node.db(
+            """SELECT t.at - s.last_received_at AS delay FROM transitions t
+               JOIN studies s USING (study_uid) WHERE t.state = 'stable'""")
+        assert len(delays) == 3
+        assert all(0 <= r["delay"] < 1.0 for r in delays), [r["delay"] for r in delays]
