@@ -351,6 +351,30 @@ class DispatchConfig(_Section):
     backoff_max_seconds: float = Field(900.0, gt=0, description="longest retry delay")
 
 
+class LimitsConfig(_Section):
+    """Bounds on what a peer can make the node store, allocate or decode.
+
+    Each is checked from a header or a length before the memory or the work is committed, so a
+    dataset that declares a giant image costs a refusal, not a decode.
+    """
+
+    max_dataset_mb: int = Field(
+        512, ge=1, le=65536,
+        description="largest dataset one C-STORE may carry; a larger one is refused")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1,
+        description="Rows x Columns x frames x samples an image may declare (checked before decoding)")
+    max_decoded_mb: int = Field(
+        256, ge=1, description="largest decoded pixel data of one image (pixels x bits allocated)")
+    decode_memory_mb: int = Field(
+        2048, ge=256, description="address-space limit of the process that decodes images")
+    decode_timeout_seconds: float = Field(
+        120.0, gt=0, description="an image not decoded within this is given up")
+    max_draft_characters: int = Field(
+        8000, ge=100, le=100_000,
+        description="longest Findings + Impression text the node takes from a worker")
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     phi: bool = Field(False, description="log patient and study identifiers (off by default)")
@@ -375,6 +399,7 @@ class Config(BaseModel):
     report: ReportConfig = ReportConfig()
     destinations: list[Destination] = Field([], description="where draft SRs are sent (below)")
     dispatch: DispatchConfig = DispatchConfig()
+    limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig = HttpConfig()
 
