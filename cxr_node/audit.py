@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, Protocol
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, get_args
 
 import structlog
 
@@ -41,6 +41,10 @@ from cxr_node.durable import FILE_MODE, private_dir
 from cxr_node.logs import study_key
 from cxr_node.metrics import instruments
 from cxr_node.store import Study, StudyState
+from cxr_node.throttle import Throttle
+
+if TYPE_CHECKING:
+    from cxr_node.part10 import Header
 
 log = structlog.get_logger("cxr_node.audit")
 P = ParamSpec("P")
@@ -48,12 +52,19 @@ P = ParamSpec("P")
 # Attributes that identify a patient: never in an audit record.
 PATIENT_FIELDS = frozenset({"patient_name", "patient_id", "patient_birth_date",
                             "other_patient_ids", "accession_number", "indication"})
-# PS3.8 A-ASSOCIATE-RJ diagnostics the receiver answers with, as metric labels.
-REJECT_REASONS = {3: "unknown_calling_ae_or_address", 7: "wrong_called_ae_title"}
+# Why an association or a connection was turned away: the metric label of each refusal.
+RejectCause = Literal["wrong_called_ae_title", "unknown_calling_ae_or_address",
+                      "certificate_subject", "node_busy"]  # answered with an A-ASSOCIATE-RJ
+ConnectionRefusal = Literal["unknown_network", "pending_limit", "pending_per_source",
+                            "pdu_too_large"]  # closed before an association was negotiated
+REJECT_CAUSES: tuple[RejectCause, ...] = get_args(RejectCause)
+CONNECTION_REFUSALS: tuple[ConnectionRefusal, ...] = get_args(ConnectionRefusal)
 Kept = Literal["stored", "duplicate", "conflict"]
 KEPT: tuple[Kept, ...] = ("stored", "duplicate", "conflict")
-Refused = Literal["quarantined", "refused"]
-REFUSED: dict[Refused, str] = {"quarantined": "quarantined", "refused": "out_of_resources"}
+Refused = Literal["quarantined", "refused", "discarded"]
+REFUSED: dict[Refused, str] = {"quarantined": "quarantined", "refused": "out_of_resources",
+                               "discarded": "over_limits"}
+Reconciled = Literal["indexed", "removed", "quarantined"]
 
 
 class AuditTrail:
@@ -63,6 +74,7 @@ class AuditTrail:
         private_dir(path.parent)
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        self._failures = Throttle()
 
     def append(self, event: str, fields: Mapping[str, Any], at: float | None = None) -> None:
         """Write one record; a failure is logged and counted, never raised into the pipeline."""
@@ -83,7 +95,10 @@ class AuditTrail:
                 raise OSError(f"only {written} of {len(line)} bytes written")
         except OSError as exc:
             instruments().audit_write_errors.inc()
-            log.error("audit.write_failed", audit_event=event, reason=str(exc))
+            repeated = self._failures.due(exc.errno)  # a full disk fails every record
+            if repeated:
+                log.error("audit.write_failed", audit_event=event, reason=str(exc),
+                          count=repeated)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -131,12 +146,38 @@ def association_accepted(calling_ae: str, peer: str) -> None:
 
 
 @_guarded
-def association_rejected(calling_ae: str, peer: str, reason: str, diagnostic: int) -> None:
-    """An A-ASSOCIATE-RJ sent, with its PS3.8 diagnostic (3: calling AE, 7: called AE)."""
-    if diagnostic not in REJECT_REASONS:
-        raise ValueError(f"diagnostic: expected one of {sorted(REJECT_REASONS)}, got {diagnostic}")
-    instruments().associations_rejected.labels(REJECT_REASONS[diagnostic]).inc()
-    record("association.rejected", calling_ae=calling_ae, peer=peer, reason=reason)
+def association_rejected(calling_ae: str, peer: str, reason: str, cause: RejectCause,
+                         diagnostic: int, *, record_now: int = 1) -> None:
+    """An A-ASSOCIATE-RJ sent, with its PS3.8 diagnostic (2: local limit, 3: calling AE title,
+    7: called AE title). Counted every time; the same rejection repeated in a flood is recorded
+    once per interval, with how many it stands for (``record_now``; 0: counted only)."""
+    if cause not in REJECT_CAUSES:
+        raise ValueError(f"cause: expected one of {REJECT_CAUSES}, got {cause!r}")
+    instruments().associations_rejected.labels(cause).inc()
+    if record_now:
+        record("association.rejected", calling_ae=calling_ae, peer=peer, reason=reason,
+               cause=cause, diagnostic=diagnostic, count=record_now)
+
+
+@_guarded
+def connection_refused(peer: str, cause: ConnectionRefusal, reason: str, *,
+                       record_now: int = 1) -> None:
+    """A connection closed before its association was negotiated. Counted every time; during a
+    flood recorded once per interval, with how many refusals the record stands for
+    (``record_now``; 0: counted only)."""
+    if cause not in CONNECTION_REFUSALS:
+        raise ValueError(f"cause: expected one of {CONNECTION_REFUSALS}, got {cause!r}")
+    instruments().associations_rejected.labels(cause).inc()
+    if record_now:
+        record("association.refused", peer=peer, cause=cause, reason=reason, count=record_now)
+
+
+@_guarded
+def association_aborted(calling_ae: str, peer: str, cause: Literal["pdu_too_large"],
+                        reason: str) -> None:
+    """An accepted association the node aborted (A-ABORT) for what its peer sent."""
+    instruments().associations_aborted.labels(cause).inc()
+    record("association.aborted", calling_ae=calling_ae, peer=peer, cause=cause, reason=reason)
 
 
 @_guarded
@@ -158,19 +199,30 @@ def instance_kept(outcome: Kept, sop_class_uid: str, sop_instance_uid: str, stud
 
 
 @_guarded
-def instance_refused(outcome: Refused, status: int, request: StoreRequest, reason: str, *,
-                     calling_ae: str, peer: str) -> None:
-    """A C-STORE answered with a failure status: quarantined, or refused for lack of resources.
+def instance_refused(outcome: Refused, status: int, sop_class_uid: str, sop_instance_uid: str,
+                     reason: str, *, calling_ae: str, peer: str) -> None:
+    """A C-STORE answered with a failure status: quarantined (unusable), refused for lack of
+    resources (retry later), or discarded (over the limits, too large to keep).
 
-    The dataset may be unreadable, so the UIDs are those the C-STORE request names.
+    The dataset may be unreadable, so the UIDs are those the C-STORE request names, as the caller
+    made them fit for the trail (an invalid one is an escaped excerpt).
     """
     if outcome not in REFUSED:
         raise ValueError(f"outcome: expected one of {list(REFUSED)}, got {outcome!r}")
     instruments().instances_rejected.labels(REFUSED[outcome], f"0x{status:04X}").inc()
-    record(f"instance.{outcome}", status=f"0x{status:04X}",
-           sop_class_uid=str(request.AffectedSOPClassUID),
-           sop_instance_uid=str(request.AffectedSOPInstanceUID), calling_ae=calling_ae,
-           peer=peer, reason=reason)
+    record(f"instance.{outcome}", status=f"0x{status:04X}", sop_class_uid=sop_class_uid,
+           sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, peer=peer, reason=reason)
+
+
+@_guarded
+def instance_reconciled(outcome: Reconciled, header: Header | None,
+                        reason: str | None = None) -> None:
+    """A spool file found at start without its index row: indexed, removed (an identical copy is
+    indexed) or quarantined (not a usable dataset)."""
+    instruments().instances_reconciled.labels(outcome).inc()
+    uids = {"sop_instance_uid": header.sop_instance_uid} if header else {}
+    record(f"instance.reconciled_{outcome}", header.study_uid if header else None,
+           reason=reason, **uids)
 
 
 @_guarded
@@ -213,13 +265,6 @@ def draft_retry(job: sqlite3.Row, reason: str, gave_up: bool) -> None:
            revision=job["revision"], job=job["id"], attempt=job["attempt"], reason=reason)
 
 
-class StoreRequest(Protocol):
-    """The C-STORE request primitive (pynetdicom's C_STORE), as far as the trail reads it."""
-
-    AffectedSOPClassUID: Any
-    AffectedSOPInstanceUID: Any
-
-
 class Attempt(Protocol):
     study_uid: str
     sr_uid: str
@@ -248,6 +293,22 @@ def outbox_requeued(row: sqlite3.Row) -> None:
     record("outbox.requeued", row["study_uid"], destination=row["destination"],
            sr_uid=row["sr_uid"], was=row["state"], status=row["last_status"],
            reason=row["reason"], by=operator())
+
+
+@_guarded
+def study_purged(study_uid: str, what: str, state: str, files: int, size: int, *,
+                 finished_at: float, by: str | None = None) -> None:
+    """Retention deleted a finished study's images, or everything left of it."""
+    instruments().purges.labels("images" if what == "images" else "studies").inc()
+    record(f"retention.{what}_purged", study_uid, state=state, finished=_iso(finished_at),
+           files=files, bytes=size, by=by)
+
+
+@_guarded
+def quarantine_purged(files: int, size: int, reason: str, by: str | None = None) -> None:
+    """Retention deleted quarantined datasets (too old, or the folder over its size)."""
+    instruments().purges.labels("quarantine").inc()
+    record("retention.quarantine_purged", files=files, bytes=size, reason=reason, by=by)
 
 
 def _mapping(result: Mapping[str, Any] | None, key: str) -> Mapping[str, Any]:
@@ -327,11 +388,13 @@ def study_history(path: Path, uid_or_key: str, since: datetime | None = None) ->
     return Trail(sorted(chosen, key=lambda r: r["at"]), trail.torn)
 
 
-def history_rows(records: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
-    """(time, event, detail) per record, for a table people read."""
+def history_rows(records: list[dict[str, Any]], uids: bool = False) -> Iterator[tuple[str, str, str]]:
+    """(time, event, detail) per record, for a table people read; UIDs only with ``uids``
+    (the trail holds them, a terminal or a ticket it is pasted into should not)."""
     for r in records:
         detail = "; ".join(f"{k}={_shown(v)}" for k, v in r.items()
-                           if k not in ("at", "event", "study_key", "study_uid"))
+                           if k not in ("at", "event", "study_key", "study_uid")
+                           and (uids or not k.endswith("_uid")))
         yield r["at"].replace("T", " "), r["event"], detail
 
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -19,6 +20,15 @@ from cxr_node.config import (
     load_config,
     reference,
 )
+
+if TYPE_CHECKING:
+    from cxr_node.dispatch import DicomStore
+
+# `send` and `echo` talk to the single-machine node unless told otherwise.
+PEER_DEFAULTS = ("127.0.0.1", 11112, "CXR_NODE")
+CALLING_AE_TITLE = "CXR_SEND"
+OPTIONS = {"host": "--host", "port": "--port", "ae_title": "--aet",
+           "calling_ae_title": "--calling-aet", "timeout_seconds": "--timeout"}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -49,10 +59,67 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from cxr_node.identity import identity_notes
+
     config = load_config(args.file)
     print(f"{args.file}: OK", file=sys.stderr)
-    print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
-    return 0
+    for line in identity_notes(config):
+        print(line, file=sys.stderr)
+    if not args.connect:
+        print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
+        return 0
+    from cxr_node.send import check_connections
+
+    failed = 0
+    for ok, line in check_connections(config):
+        print(("ok      " if ok else "FAILED  ") + line)
+        failed += not ok
+    print(f"connections: {'all ok' if not failed else f'{failed} FAILED'}")
+    return 1 if failed else 0
+
+
+def _peer(args: argparse.Namespace) -> DicomStore:
+    """Who `send` and `echo` talk to: the options given, else the node of --config, else the
+    defaults (the single-machine node)."""
+    from pydantic import ValidationError
+
+    from cxr_node.config import DicomDestination
+    from cxr_node.dispatch import DicomStore
+
+    host, port, ae_title = PEER_DEFAULTS
+    if args.config is not None:
+        node = load_config(args.config).node
+        if node.tls is not None:
+            raise ConfigError([f"{args.config}: node.tls: the node takes DICOM TLS only, and "
+                               f"cxr-node {args.command} speaks plain DICOM; give --host/--port "
+                               "of a plain port, or use dcmtk's storescu/echoscu with +tls"])
+        host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
+        port, ae_title = node.port, node.ae_title
+    given = {"host": args.host or host, "port": args.port or port,
+             "ae_title": args.aet or ae_title, "calling_ae_title": args.calling_aet,
+             "timeout_seconds": args.timeout}
+    try:
+        destination = DicomDestination(name="command line", **given)
+    except ValidationError as exc:
+        raise UsageError([f"{OPTIONS[str(e['loc'][0])]} '{given[str(e['loc'][0])]}': "
+                          f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]) from None
+    return DicomStore(destination, args.calling_aet)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from cxr_node.send import send
+
+    tally = send(_peer(args), args.paths)
+    print(tally.summary())
+    return 0 if tally.ok else 1
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from cxr_node.send import echo
+
+    ok, line = echo(_peer(args))
+    print(line)
+    return 0 if ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -123,6 +190,30 @@ def cmd_redraft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from cxr_node import audit
+    from cxr_node.retention import Retention, describe
+    from cxr_node.store import Store
+
+    config = _config(args)
+    retention = Retention(config, Store(config.database_path))
+    now = time.time()
+    plan = retention.plan(now)
+    if not plan:
+        print("purge: nothing is due under the retention policy")
+        return 0
+    _table(["what", "study", "finished", "files", "size"], list(describe(plan, now)))
+    if args.dry_run:
+        print("dry run: nothing was deleted")
+        return 0
+    audit.open_trail(config.audit_path)  # each purge is part of the trail, with who ran it
+    done = retention.apply(plan, by=audit.operator())
+    due = len(plan.studies) + len(plan.quarantine)
+    print(f"purged {done} of {due}" + ("" if done == due else
+                                      "; the others changed meanwhile and wait to be due again"))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from cxr_node.audit import history_rows, study_history
 
@@ -137,8 +228,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"no audit record for study {args.study}", file=sys.stderr)
         return 1
     first = found.records[0]
-    print(f"study {first['study_key']}  {first['study_uid']}  ({len(found.records)} events, UTC)")
-    _table(["time", "event", "detail"], list(history_rows(found.records)))
+    uid = f"  {first['study_uid']}" if args.phi else ""
+    print(f"study {first['study_key']}{uid}  ({len(found.records)} events, UTC)")
+    _table(["time", "event", "detail"], list(history_rows(found.records, uids=args.phi)))
     return 0
 
 
@@ -167,6 +259,40 @@ def cmd_model_demo(args: argparse.Namespace) -> int:
         return 2
     print(f"demo model (random weights, NOT clinical) written to {path}")
     return 0
+
+
+def cmd_model_identity(args: argparse.Namespace) -> int:
+    """The model.identity block of this host's model, for a node whose workers run elsewhere."""
+    from cxr_node.identity import IdentityError, model_identity
+
+    config = _config(args)
+    try:
+        identity = model_identity(config.model, config.model_path)
+    except (IdentityError, OSError) as exc:
+        print(f"{config.model_path}: no model identity ({exc})", file=sys.stderr)
+        return 2
+    print(f"# {identity.description}: put this in the node's configuration")
+    print(yaml.safe_dump({"model": {"identity": identity.model_dump()}}, sort_keys=False), end="")
+    return 0
+
+
+class UsageError(ConfigError):
+    """A command-line option with a bad value; one line per problem, naming the option."""
+
+
+def _peer_options(p: argparse.ArgumentParser) -> None:
+    host, port, ae_title = PEER_DEFAULTS
+    p.add_argument("--host", help=f"the peer's address (default {host}, or the node of --config)")
+    p.add_argument("--port", type=int, help=f"its DICOM port (default {port}, or from --config)")
+    p.add_argument("--aet", metavar="AE_TITLE",
+                   help=f"its AE title, the called AE (default {ae_title}, or from --config)")
+    p.add_argument("--calling-aet", metavar="AE_TITLE", default=CALLING_AE_TITLE,
+                   help=f"our AE title, as the peer sees it (default {CALLING_AE_TITLE})")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="connection, association and response timeout (default 30)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="address the node this configuration describes (node.host, node.port, "
+                        "node.ae_title)")
 
 
 def _since(text: str) -> datetime:
@@ -211,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("serve", cmd_serve, "run the node: receive, assemble, draft, report, dispatch")
+    p = command("send", cmd_send, "send DICOM files to a node or PACS (C-STORE), as a modality "
+                "would: each in its own transfer syntax, decompressed only if the peer refuses "
+                "it; one line per file; exit 1 if any was not stored", config=False)
+    p.add_argument("paths", nargs="+", type=Path, metavar="FILE|DIR",
+                   help="files, and folders whose files are all sent (non-DICOM ones skipped)")
+    _peer_options(p)
+    p = command("echo", cmd_echo, "check that a node or PACS answers (C-ECHO)", config=False)
+    _peer_options(p)
     p = command("worker", cmd_worker, "run a drafting worker (one per GPU)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--hostname", default=None, help="Celery node name (default: cxr@host)")
@@ -225,11 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-failed", action="store_true", help="every dead-lettered report")
     p = command("redraft", cmd_redraft, "draft a failed or skipped study again")
     p.add_argument("study", help="study key (from `cxr-node status`) or Study Instance UID")
+    p = command("purge", cmd_purge, "delete what the retention policy says is due (images, "
+                "draft SRs and rows of finished studies, old quarantine); the node also does it "
+                "on its own every retention.interval_minutes")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p = command("audit", cmd_audit, "print one study's history from the audit trail")
     p.add_argument("--study", required=True, metavar="UID|KEY",
                    help="Study Instance UID, or the study key shown by `cxr-node status`")
     p.add_argument("--since", type=_since, metavar="TIME",
                    help="only events at or after this ISO 8601 time (UTC unless it says)")
+    p.add_argument("--phi", action="store_true",
+                   help="also show the UIDs the trail holds (study, instances, SRs)")
     p = command("show", cmd_show, "render a DICOM SR (ours or anyone's) as text", config=False)
     p.add_argument("file", type=Path)
     p.add_argument("--phi", action="store_true", help="also show patient name, ID and birth date")
@@ -237,10 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("demo", help="build the tiny random-weight DEMO model (no download)")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_model_demo)
+    p = model.add_parser("identity", help="print the model.identity block of the model this "
+                                          "configuration loads (for the node, when workers run "
+                                          "on another host)")
+    p.add_argument("--config", type=Path, default=default_config_path(),
+                   help="the workers' YAML configuration")
+    p.set_defaults(func=cmd_model_identity)
 
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="what", required=True)
     p = cfg.add_parser("check", help="validate a configuration file and print it as the node sees it")
     p.add_argument("file", type=Path)
+    p.add_argument("--connect", action="store_true",
+                   help="instead of printing it, prove each connection: C-ECHO every DICOM "
+                        "destination (with its TLS: the peer certificate's subject and expiry), "
+                        "write to every folder destination, ask the broker; exit 1 if any fails")
     p.set_defaults(func=cmd_config_check)
     p = cfg.add_parser("reference", help="print every configuration key with default and meaning")
     p.set_defaults(func=lambda _args: print(reference(), end="") or 0)
@@ -251,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"cxr-node {args.command}: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         return 2

@@ -11,8 +11,10 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from cxr_node.identity import ModelIdentity
+
 DEFAULT_CONFIG_PATH = Path("/etc/cxr-node/cxr-node.yaml")
 CONFIG_ENV = "CXR_NODE_CONFIG"
 
@@ -39,8 +43,21 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 BROKER_PASSWORD_ENV = "CXR_NODE_BROKER_PASSWORD"
 BROKER_PASSWORD_CREDENTIAL = "broker-password"
+WORKER_BROKER_PASSWORD_ENV = "CXR_NODE_WORKER_BROKER_PASSWORD"
+WORKER_BROKER_PASSWORD_CREDENTIAL = "worker-broker-password"
+REDIS_USER_RE = r"^[A-Za-z0-9_.-]{1,64}$"
+
+RESULT_GRACE_SECONDS = 30
+"""Slack after a task's latest possible end (a hard kill, clocks of node and workers apart)."""
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
+# P-DATA PDU sizes (PS3.8 D.1 maximum length): dcmtk's default and its largest are 16 and 128 KiB.
+MIN_PDU_BYTES, DEFAULT_PDU_BYTES, MAX_PDU_BYTES = 4096, 128 << 10, 4 << 20
+# Certificate subject attributes an accept rule may name, as OpenSSL abbreviates them.
+CERT_ATTRIBUTES = {"CN": "commonName", "O": "organizationName", "OU": "organizationalUnitName",
+                   "C": "countryName", "L": "localityName", "ST": "stateOrProvinceName",
+                   "DC": "domainComponent", "emailAddress": "emailAddress",
+                   "serialNumber": "serialNumber", "UID": "userId"}
 
 
 class ConfigError(Exception):
@@ -109,12 +126,38 @@ class NodeConfig(_Section):
     receivers: int = Field(4, ge=1, le=64, description=(
         "receiver processes sharing the port (the GIL: more processes than cores still helps)"))
     fsync: bool = Field(True, description="fsync each instance before answering success")
-    max_pdu_bytes: int = Field(0, ge=0, description="largest PDU we receive; 0 = unlimited")
+    max_pdu_bytes: int = Field(
+        DEFAULT_PDU_BYTES, ge=0, le=MAX_PDU_BYTES, description=(
+            "largest P-DATA PDU announced to senders, 4096 to 4194304 (0: the largest, 4 MiB; "
+            "never unlimited); a peer that sends a larger PDU is aborted"))
+    max_pending_connections: int = Field(
+        64, ge=1, le=4096, description=(
+            "connections not past the accept rules yet (TLS handshake or association request "
+            "under way), all receivers together; a new one over this is closed at once"))
+    max_pending_per_source: int = Field(
+        8, ge=1, le=4096, description=(
+            "the same, from one IP address: a peer holding idle connections cannot lock "
+            "out the others"))
     acse_timeout_seconds: float = Field(
         10.0, gt=0, description="wait this long for a peer's association request or release")
     network_timeout_seconds: float = Field(
         60.0, gt=0, description="a silent association is closed after this")
     tls: TLSConfig | None = Field(None, description="DICOM TLS for the receiver (see tls.*)")
+
+    @field_validator("max_pdu_bytes")
+    @classmethod
+    def _pdu(cls, v: int) -> int:
+        if v == 0:
+            return MAX_PDU_BYTES
+        if v < MIN_PDU_BYTES:
+            raise ValueError(f"0 or a PDU size from {MIN_PDU_BYTES} to {MAX_PDU_BYTES} bytes")
+        return v
+
+    @model_validator(mode="after")
+    def _pending(self) -> NodeConfig:
+        if self.max_pending_per_source > self.max_pending_connections:
+            raise ValueError("max_pending_per_source must be at most max_pending_connections")
+        return self
 
     @field_validator("host")
     @classmethod
@@ -127,10 +170,16 @@ class NodeConfig(_Section):
 
 
 class AcceptRule(_Section):
-    """One calling AE title allowed from one network; both must match."""
+    """One calling AE title allowed from one network (and with one TLS client certificate, if
+    given); all must match."""
 
     ae_title: str = Field(description='calling AE title, or "*" for any')
     network: str = Field(description='peer network such as 10.0.0.0/24, or "*" for any')
+    certificate_subject: str | None = Field(
+        None, description=(
+            'TLS client certificate subject attributes the peer must have, such as '
+            '"CN=CR_ED_1,O=Hospital" (checked against the certificate verified with '
+            'node.tls.ca_certificates; every attribute named must match)'))
 
     @field_validator("ae_title")
     @classmethod
@@ -147,15 +196,50 @@ class AcceptRule(_Section):
         except ValueError:
             raise ValueError('an IP network such as 10.0.0.0/24 or 127.0.0.1/32, or "*"') from None
 
-    def allows(self, ae_title: str, address: str) -> bool:
-        if self.ae_title != "*" and self.ae_title != ae_title.strip():
-            return False
+    @field_validator("certificate_subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return ",".join(f"{k}={val}".replace(",", "\\,") for k, val in _subject_pairs(v))
+
+    def admits_address(self, address: str) -> bool:
+        """Whether a peer at ``address`` could pass this rule with the right AE title."""
         if self.network == "*":
             return True
         try:
             return ipaddress.ip_address(address) in ipaddress.ip_network(self.network)
         except ValueError:
             return False
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.ae_title != "*" and self.ae_title != ae_title.strip():
+            return False
+        return self.admits_address(address)
+
+    def allows_certificate(self, subject: tuple[tuple[tuple[str, str], ...], ...] | None) -> bool:
+        """Whether a peer certificate's subject (as ``ssl.SSLSocket.getpeercert`` gives it; None
+        when there is no verified certificate) satisfies ``certificate_subject``."""
+        if self.certificate_subject is None:
+            return True
+        held = {pair for rdn in subject or () for pair in rdn}
+        wanted = {(CERT_ATTRIBUTES[k], v) for k, v in _subject_pairs(self.certificate_subject)}
+        return subject is not None and wanted <= held
+
+
+def _subject_pairs(text: str) -> list[tuple[str, str]]:
+    """``CN=a,O=b`` as [("CN", "a"), ("O", "b")]; a comma inside a value is written ``\\,``."""
+    pairs = []
+    for part in re.split(r"(?<!\\),", text):
+        key, sep, value = part.partition("=")
+        key = {k.lower(): k for k in CERT_ATTRIBUTES}.get(key.strip().lower(), "")
+        value = value.strip().replace("\\,", ",")
+        if not sep or not key or not value:
+            raise ValueError(
+                "subject attributes such as CN=CR_ED_1,O=Hospital (attributes: "
+                f"{', '.join(CERT_ATTRIBUTES)})")
+        pairs.append((key, value))
+    return pairs
 
 
 class RoutingRules(_Section):
@@ -186,13 +270,40 @@ class StudyConfig(_Section):
         return self
 
 
+class BrokerTLSConfig(_Section):
+    """TLS to Redis: the server's certificate must chain to a CA bundle you name and carry the
+    broker URL's host name (or IP address) in its subjectAltName."""
+
+    ca_certificates: ConfigPath = Field(
+        description="CA bundle the Redis server's certificate must chain to")
+    certificate: ConfigPath | None = Field(
+        None, description="client certificate (PEM), when Redis requires one")
+    private_key: ConfigPath | None = Field(None, description="its private key (PEM)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> BrokerTLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key together, or neither")
+        return self
+
+
 class QueueConfig(_Section):
     """How the node hands studies to GPU workers (Celery)."""
 
     broker: str = Field(
         "embedded",
-        description='"embedded" (a folder under state_dir, no server) or redis://host:port/db',
+        description='"embedded" (a folder under state_dir, no server), redis://host:port/db, '
+                    'or rediss://host:port/db (TLS, see queue.tls)',
     )
+    username: str | None = Field(
+        None, pattern=REDIS_USER_RE,
+        description="Redis ACL user of the node (password: credential broker-password)")
+    worker_username: str | None = Field(
+        None, pattern=REDIS_USER_RE,
+        description="Redis ACL user of the workers, not the node's "
+                    "(password: credential worker-broker-password)")
+    tls: BrokerTLSConfig | None = Field(
+        None, description="TLS to Redis, required with rediss:// (see queue.tls.*)")
     name: str = Field("cxr.draft", description="Celery queue the workers consume")
     local_worker: bool | None = Field(
         None, description="serve also runs a worker; default: yes with the embedded broker"
@@ -202,10 +313,23 @@ class QueueConfig(_Section):
     task_time_limit_seconds: int = Field(600, ge=10, description="a draft task is killed after this")
     visibility_timeout_seconds: int = Field(
         3600, ge=60, description="Redis re-delivers an unacknowledged task after this")
+    start_timeout_seconds: int = Field(
+        300, ge=1, description=(
+            "a draft task no worker has started within this (waiting in the queue, or "
+            "redelivered after its worker died) is discarded by the worker and submitted again"))
     result_timeout_seconds: int | None = Field(
-        None, description="re-queue a task with no result after this; default time limit + 120 s"
-    )
-    max_attempts: int = Field(3, ge=1, description="submissions of one study before it fails")
+        None, description=(
+            "submit a task with no result again after this; at least start_timeout_seconds + "
+            "task_time_limit_seconds + 30 (the default), so an attempt that may still run is "
+            "never doubled"))
+    max_attempts: int = Field(
+        3, ge=1, description=(
+            "runs of one study's draft before it fails; the node submits again, workers never "
+            "retry on their own"))
+    retry_delay_seconds: float = Field(
+        5.0, ge=0, le=3600, description=(
+            "wait before a failed or lost draft is submitted again; doubles with each attempt, "
+            "at most 300 s"))
     poll_interval_seconds: float = Field(
         0.05, gt=0, le=5, description=(
             "how often idle stages look for work (results while a draft is out, and the embedded "
@@ -219,12 +343,43 @@ class QueueConfig(_Section):
         parts = urlsplit(v)
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError('"embedded" or a redis:// or rediss:// URL')
-        if parts.password:
+        if "@" in parts.netloc:
             raise ValueError(
-                f"a URL without a password; put the password in ${BROKER_PASSWORD_ENV} "
-                f"or the systemd credential '{BROKER_PASSWORD_CREDENTIAL}'"
+                "a URL without user or password: the users are queue.username and "
+                f"queue.worker_username, the passwords come from ${BROKER_PASSWORD_ENV} or the "
+                f"systemd credential '{BROKER_PASSWORD_CREDENTIAL}' (and "
+                f"${WORKER_BROKER_PASSWORD_ENV} / '{WORKER_BROKER_PASSWORD_CREDENTIAL}')"
             )
+        if parts.query or parts.fragment or "?" in v:
+            raise ValueError(
+                "a URL without ?options: TLS settings go in queue.tls, secrets in credentials")
+        if not re.fullmatch(r"/?|/[0-9]{1,2}", parts.path):
+            raise ValueError("a URL whose path is the database number, such as redis://host:6379/0")
+        try:
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError("a URL with a numeric port, such as redis://host:6379/0") from None
+        if not parts.hostname:
+            raise ValueError("a URL with the Redis host, such as redis://10.0.0.5:6379/0")
         return v
+
+    @model_validator(mode="after")
+    def _redis_security(self) -> QueueConfig:
+        if self.embedded:
+            return self
+        if self.broker.startswith("rediss://") and self.tls is None:
+            raise ValueError("queue.tls with ca_certificates for a rediss:// broker: the Redis "
+                             "server's certificate must chain to a CA bundle you name")
+        if self.broker.startswith("redis://") and self.tls is not None:
+            raise ValueError("a rediss:// broker URL when queue.tls is set")
+        if not self.username or not self.worker_username:
+            raise ValueError(
+                "queue.username and queue.worker_username with a Redis broker: the node and the "
+                "workers each log in as their own Redis ACL user (docs/operations.md)")
+        if self.username == self.worker_username:
+            raise ValueError("queue.worker_username different from queue.username, so that a "
+                             "worker host's password never grants the node's access")
+        return self
 
     @model_validator(mode="after")
     def _timeouts(self) -> QueueConfig:
@@ -232,6 +387,14 @@ class QueueConfig(_Section):
             raise ValueError(
                 "visibility_timeout_seconds must be longer than task_time_limit_seconds, "
                 "or Redis hands a running draft to a second worker"
+            )
+        if (self.result_timeout_seconds is not None
+                and self.result_timeout_seconds < self.shortest_result_timeout):
+            raise ValueError(
+                f"result_timeout_seconds must be at least start_timeout_seconds + "
+                f"task_time_limit_seconds + {RESULT_GRACE_SECONDS} "
+                f"(= {self.shortest_result_timeout}), or a draft that may still be running is "
+                "submitted a second time"
             )
         return self
 
@@ -245,7 +408,12 @@ class QueueConfig(_Section):
 
     @property
     def effective_result_timeout(self) -> int:
-        return self.result_timeout_seconds or self.task_time_limit_seconds + 120
+        return self.result_timeout_seconds or self.shortest_result_timeout
+
+    @property
+    def shortest_result_timeout(self) -> int:
+        """The latest an attempt can still end: start window, then the hard time limit."""
+        return self.start_timeout_seconds + self.task_time_limit_seconds + RESULT_GRACE_SECONDS
 
 
 class GenerationConfig(_Section):
@@ -284,6 +452,10 @@ class ModelConfig(_Section):
     max_images: int = Field(2, ge=1, le=8, description="views per study (frontal, then lateral)")
     image_size: int = Field(896, ge=64, le=4096, description="longest side sent to the worker")
     generation: GenerationConfig = GenerationConfig()
+    identity: ModelIdentity | None = Field(
+        None, description="the model the SRs name, pinned (workers on another host: the output "
+                          "of `cxr-node model identity` there); default: computed by the node "
+                          "from model.path, or DEMO when it cannot read it (model.identity.*)")
 
     @field_validator("prompt")
     @classmethod
@@ -318,19 +490,46 @@ class ReportConfig(_Section):
         return v
 
 
+class DestinationTLSConfig(TLSConfig):
+    """DICOM TLS to a PACS: its certificate must chain to ``ca_certificates`` and be the PACS's.
+
+    Identity is the name check (``server_name``, else the destination's host, against the
+    certificate's subjectAltName), or, for a PACS whose certificate names neither, a pinned
+    certificate fingerprint: a CA bundle alone would let any certificate it issued (a
+    modality's, say) pose as the PACS.
+    """
+
+    server_name: str | None = Field(
+        None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:-]+$",
+        description="DNS name or IP address the PACS certificate must carry; default: host")
+    pinned_sha256: list[str] = Field(
+        [], description="SHA-256 fingerprints of the accepted PACS certificates, checked "
+                        "instead of the name (hex; colons allowed)")
+
+    @field_validator("pinned_sha256")
+    @classmethod
+    def _fingerprints(cls, v: list[str]) -> list[str]:
+        cleaned = [f.replace(":", "").strip().lower() for f in v]
+        for f in cleaned:
+            if not re.fullmatch(r"[0-9a-f]{64}", f):
+                raise ValueError("SHA-256 fingerprints: 64 hex digits each "
+                                 "(openssl x509 -noout -fingerprint -sha256 -in pacs.pem)")
+        return cleaned
+
+
 class DicomDestination(_Section):
     name: str = Field(min_length=1, max_length=64, description="name in logs and `cxr-node outbox`")
     ae_title: AETitle = Field(description="the PACS's AE title")
     host: str = Field(description="the PACS's address")
     port: int = Field(ge=1, le=65535, description="the PACS's DICOM port")
     calling_ae_title: AETitle | None = Field(None, description="our AE title there; default node.ae_title")
-    tls: TLSConfig | None = Field(None, description="DICOM TLS to this PACS")
+    tls: DestinationTLSConfig | None = Field(None, description="DICOM TLS to this PACS")
     timeout_seconds: float = Field(30.0, gt=0, description="association and response timeout")
     associations: int = Field(2, ge=1, le=16, description="SRs sent to this PACS at once")
 
     @field_validator("tls")
     @classmethod
-    def _pacs_ca(cls, v: TLSConfig | None) -> TLSConfig | None:
+    def _pacs_ca(cls, v: DestinationTLSConfig | None) -> DestinationTLSConfig | None:
         if v is not None and v.ca_certificates is None:
             raise ValueError("ca_certificates: the PACS's certificate must chain to a CA bundle "
                              "you name (the system trust store is not used)")
@@ -367,12 +566,41 @@ class LimitsConfig(_Section):
     max_decoded_mb: int = Field(
         256, ge=1, description="largest decoded pixel data of one image (pixels x bits allocated)")
     decode_memory_mb: int = Field(
-        2048, ge=256, description="address-space limit of the process that decodes images")
+        2048, ge=256,
+        description="address-space limit (RLIMIT_AS) of the child process that decodes images; "
+                    "the largest image the limits above admit needs about 1 GB")
     decode_timeout_seconds: float = Field(
-        120.0, gt=0, description="an image not decoded within this is given up")
+        120.0, gt=0,
+        description="an image not decoded and rendered within this fails with a reason")
     max_draft_characters: int = Field(
         8000, ge=100, le=100_000,
         description="longest Findings + Impression text the node takes from a worker")
+
+
+class RetentionConfig(_Section):
+    """How long the node keeps patient data. It is a drafting node, not an archive: the PACS keeps
+    the images and the drafts; here they are deleted once a study is finished (sent, skipped,
+    failed, or reported with nothing left to send) and old enough. null keeps them."""
+
+    images_days: float | None = Field(
+        30.0, gt=0, description="spooled images of a finished study are deleted after this")
+    studies_days: float | None = Field(
+        90.0, gt=0, description="then its draft SR files and database rows (the audit trail "
+                                "stays)")
+    quarantine_days: float | None = Field(
+        14.0, gt=0, description="refused datasets in quarantine/ are deleted after this")
+    quarantine_max_mb: int | None = Field(
+        1024, ge=1, description="and the oldest first while quarantine/ holds more than this")
+    interval_minutes: float = Field(60.0, gt=0, le=1440,
+                                    description="how often the node looks for what is due")
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionConfig:
+        if self.studies_days is not None and (
+                self.images_days is None or self.studies_days < self.images_days):
+            raise ValueError("studies_days at least images_days: a study's rows are what find "
+                             "its images")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -386,6 +614,17 @@ class HttpConfig(_Section):
     enabled: bool = Field(True, description="serve /metrics, /healthz and the status page")
     host: str = Field("127.0.0.1", description="address of the HTTP endpoint")
     port: int = Field(9464, ge=0, le=65535, description="its port")
+    allowed_hosts: list[str] = Field(
+        [], description="other names the endpoint may be called by in the Host header (its "
+                        "address and, on loopback, localhost always work)")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for host in v:
+            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+                raise ValueError("host names such as metrics.hospital.example (no port, no scheme)")
+        return [h.lower() for h in v]
 
 
 class Config(BaseModel):
@@ -400,10 +639,23 @@ class Config(BaseModel):
     destinations: list[Destination] = Field([], description="where draft SRs are sent (below)")
     dispatch: DispatchConfig = DispatchConfig()
     limits: LimitsConfig = LimitsConfig()
+    retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig = HttpConfig()
 
     source: Path | None = Field(None, exclude=True)
+
+    @field_validator("accept")
+    @classmethod
+    def _subjects_need_verified_certificates(cls, v: list[AcceptRule],
+                                             info: ValidationInfo) -> list[AcceptRule]:
+        node = info.data.get("node")
+        if any(r.certificate_subject for r in v) and (
+                node is None or node.tls is None or node.tls.ca_certificates is None):
+            raise ValueError("node.tls with ca_certificates when a rule names a "
+                             "certificate_subject (only a verified certificate has a subject "
+                             "to trust)")
+        return v
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -459,14 +711,19 @@ class Config(BaseModel):
         return self.model.path or self.state_dir / "models" / "demo"
 
 
-def broker_password() -> str | None:
-    """The Redis password, from systemd's credential directory or the environment, never YAML."""
+def broker_password(role: Literal["node", "worker"] = "node") -> str | None:
+    """The Redis password of the node or of a worker: systemd credential, else environment.
+
+    Never from YAML. Each role has its own, so a worker host's secret grants a worker's access only.
+    """
+    credential, env = ((BROKER_PASSWORD_CREDENTIAL, BROKER_PASSWORD_ENV) if role == "node"
+                       else (WORKER_BROKER_PASSWORD_CREDENTIAL, WORKER_BROKER_PASSWORD_ENV))
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
-        cred = Path(cred_dir) / BROKER_PASSWORD_CREDENTIAL
+        cred = Path(cred_dir) / credential
         if cred.is_file():
             return cred.read_text().strip()
-    return os.environ.get(BROKER_PASSWORD_ENV) or None
+    return os.environ.get(env) or None
 
 
 def default_config_path() -> Path:
@@ -521,8 +778,10 @@ def _describe(path: Path, root: yaml.Node | None, err: Any) -> str:
 
 
 def _mask(text: str) -> str:
-    """Hide a password written into a URL, so an error message never repeats a secret."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    """Hide whatever could be a secret written into a URL (user info, query values), so an
+    error message never repeats it."""
+    text = re.sub(r"(://)[^/@\s]*@", r"\1***@", text)
+    return re.sub(r"([?&;][^=&;#\s]*=)[^&;#\s'\"]*", r"\1***", text)
 
 
 _UNION_TAGS = {"DicomDestination", "FolderDestination"}
@@ -549,7 +808,9 @@ def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
 def effective_config(config: Config) -> dict[str, Any]:
     """The configuration as the node will use it, for `config check`; secrets are never in it."""
     data = config.model_dump(mode="json")
-    data["queue"]["broker_password"] = "***" if broker_password() else None
+    if not config.queue.embedded:
+        data["queue"]["broker_password"] = "***" if broker_password("node") else None
+        data["queue"]["worker_broker_password"] = "***" if broker_password("worker") else None
     return data
 
 
@@ -557,14 +818,14 @@ def reference() -> str:
     """Every key with its type, default and meaning, as a Markdown table (README, `config reference`)."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, skip: Iterable[str] = ()) -> None:
         for name, field in model.model_fields.items():
-            if name == "source":
+            if name == "source" or name in skip:
                 continue
             key = f"{prefix}{name}"
             nested = _section_type(field.annotation)
-            if nested is not None and name not in ("tls",):
-                if field.annotation is not nested:  # a list of sections
+            if nested is not None and not issubclass(nested, TLSConfig):  # DICOM TLS: below
+                if get_origin(field.annotation) is list:
                     key += "[]"
                 walk(nested, key + ".")
                 continue
@@ -577,15 +838,17 @@ def reference() -> str:
                         ("destinations[] (folder)", FolderDestination), ("tls", TLSConfig)):
         rows.append(f"| **{name}** | | | |")
         walk(model, f"{name.split()[0]}.")
+    rows.append("| **destinations[].tls (sending only)** | | | |")
+    walk(DestinationTLSConfig, "destinations[].tls.", skip=TLSConfig.model_fields)
     return "\n".join(rows) + "\n"
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    if getattr(annotation, "__origin__", None) is list and len(args) == 1:
-        return _section_type(args[0])
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (list, Union, UnionType) and len(args) == 1:
+        return _section_type(args[0])  # a list of sections, or an optional one
     return None
 
 

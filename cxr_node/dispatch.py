@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 import pydicom
 import structlog
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -42,7 +42,7 @@ from cxr_node.config import Config, DicomDestination, DispatchConfig, FolderDest
 from cxr_node.durable import write_atomic
 from cxr_node.logs import study_key
 from cxr_node.store import Store, Study, StudyState
-from cxr_node.tls import client_context
+from cxr_node.tls import PeerCheckingContext, client_context, expected_name
 
 log = structlog.get_logger("cxr_node.dispatch")
 
@@ -109,13 +109,18 @@ def store_status_delivery(status: int) -> Delivery:
     will not change by sending the same file again: dead.
     """
     category = code_to_category(status)
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, (category, ""))[1] or category
-    text = f"C-STORE status 0x{status:04X} ({meaning})"
+    text = f"C-STORE status 0x{status:04X} ({status_meaning(status)})"
     if category in ("Success", "Warning"):
         return Delivery.delivered(status, "" if category == "Success" else text)
     if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0xFE00):
         return Delivery.retry(text, status)
     return Delivery.dead(text, status)
+
+
+def status_meaning(status: int) -> str:
+    """What a C-STORE status says, e.g. 'Refused: Out of Resources'; its category if unnamed."""
+    category = code_to_category(status)
+    return STORAGE_SERVICE_CLASS_STATUS.get(status, (category, ""))[1] or category
 
 
 class DicomStore:
@@ -125,7 +130,6 @@ class DicomStore:
         self.name = destination.name
         self.destination = destination
         self.calling_ae = destination.calling_ae_title or node_ae_title
-        self.tls = client_context(destination.tls)
         # pynetdicom sends a file's bytes unchanged only in its chunked mode, a process-wide
         # switch; nothing in the node wants the other path (decode, then encode again).
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -139,27 +143,41 @@ class DicomStore:
         meta = pydicom.filereader.read_file_meta_info(path)
         sop_class = meta.MediaStorageSOPClassUID
         stored_syntax = meta.TransferSyntaxUID
-        ae = AE(ae_title=self.calling_ae)
-        timeout = self.destination.timeout_seconds
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        ae.connection_timeout = timeout
-        ae.add_requested_context(
-            sop_class, list(dict.fromkeys([stored_syntax, ExplicitVRLittleEndian,
-                                           ImplicitVRLittleEndian]))
-        )
-        assoc = ae.associate(
-            self.destination.host, self.destination.port, ae_title=self.destination.ae_title,
-            tls_args=(self.tls, None) if self.tls else None,
-        )
+        assoc, tls = self.associate([(sop_class, list(dict.fromkeys(
+            [stored_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))])
         if not assoc.is_established:
-            return self._not_established(assoc)
+            return self.not_established(assoc, tls)
         try:
             return self._store(assoc, path, sop_class, stored_syntax)
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _not_established(self, assoc: Association) -> Delivery:
+    def associate(self, contexts: Sequence[tuple[str, Sequence[str]]]
+                  ) -> tuple[Association, PeerCheckingContext | None]:
+        """An association with this peer, established or not, proposing ``contexts`` (abstract
+        syntax, transfer syntaxes); with the TLS context that tells how its handshake went.
+
+        The one way anything of ours connects to a destination: dispatch, and the command line's
+        send, echo and ``config check --connect``, which so prove what the node will meet.
+        """
+        ae = AE(ae_title=self.calling_ae)
+        timeout = self.destination.timeout_seconds
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
+        for abstract_syntax, transfer_syntaxes in contexts:
+            ae.add_requested_context(abstract_syntax, list(transfer_syntaxes))
+        tls = client_context(self.destination.tls)  # one per connection: it keeps the outcome
+        assoc = ae.associate(
+            self.destination.host, self.destination.port, ae_title=self.destination.ae_title,
+            tls_args=(tls, expected_name(self.destination)) if tls else None,
+        )
+        return assoc, tls
+
+    def not_established(self, assoc: Association, tls: PeerCheckingContext | None) -> Delivery:
+        """Why ``assoc`` did not come about, as a delivery: dead when trying again cannot help."""
+        if tls is not None and tls.failure:
+            return Delivery.retry(f"TLS: the certificate of {self.peer} was refused: {tls.failure}")
         answer = _rejection(assoc)
         if answer is not None:
             why = f"association rejected by {self.peer}: {answer.reason_str} ({answer.source_str})"
@@ -167,12 +185,13 @@ class DicomStore:
                 return Delivery.dead(f"{why}, permanently")
             return Delivery.retry(f"{why}, for now")
         if assoc.rejected_contexts and not assoc.accepted_contexts:
-            return Delivery.dead(f"{self.peer} accepted no presentation context for the SR "
-                                 "(Comprehensive SR, explicit or implicit VR little endian)")
-        tls = "; with TLS, check that its certificate chains to ca_certificates" if self.tls else ""
+            offered = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
+            return Delivery.dead(f"{self.peer} accepted no presentation context for "
+                                 f"{', '.join(offered)}")
+        hint = "; with TLS, check that its certificate chains to ca_certificates" if tls else ""
         return Delivery.retry(
             f"no association with {self.peer}: refused, unreachable, aborted or no answer within "
-            f"{self.destination.timeout_seconds:g} s{tls}"
+            f"{self.destination.timeout_seconds:g} s{hint}"
         )
 
     def _store(self, assoc: Association, path: Path, sop_class: str,

@@ -76,6 +76,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class OutsideRoot(PermissionError):
+    """A path that would resolve outside the folder it must stay in."""
+
+
+def confined(path: Path, root: Path) -> Path:
+    """``path``, resolved, if it stays inside ``root`` after following every symlink; else raise.
+
+    The last check before the node writes a file: whatever built the name, and whatever links
+    someone planted on the way, the file lands under ``root`` (itself resolved, so a state
+    directory that is a symlink is fine).
+    """
+    try:
+        resolved, base = path.resolve(), root.resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+        raise OutsideRoot(errno.EPERM, f"cannot resolve a path under {root}: {exc}") from None
+    if resolved != base and base not in resolved.parents:
+        raise OutsideRoot(errno.EPERM, f"a path resolves outside {root}")
+    return resolved
+
+
 def free_mb(path: Path) -> float:
     """Free space for the node's user on the file system holding ``path``, in MiB."""
     st = os.statvfs(path)

@@ -6,14 +6,24 @@ whatever transfer syntax ingest accepted, and renders them the way a radiologist
 (modality LUT, VOI LUT or window, polarity) so that bone and dense tissue are white.
 
 Every failure caused by the input (a corrupt codestream, a truncated file, a colour image) is an
-`ImagingError` whose text an admin can act on and which names no patient.
+`ImagingError` whose text an admin can act on and which names no patient: images are named by
+their instance row id and view, never by file name or UID.
+
+Before any decoder sees the pixel data, the header is checked against `limits` (Rows x Columns x
+frames x samples, the decoded size) and so is the size the compressed codestream declares for
+itself (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ): a few kilobytes that claim 16384 x 16384 pixels
+are refused, not decoded. In the node the decoding itself runs in `cxr_node.decoder`'s child
+process, under a memory and a time limit.
 """
 
 from __future__ import annotations
 
 import enum
+import io
+import math
 import re
-from collections.abc import Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +34,7 @@ import pydicom
 import structlog
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.uid import (
@@ -31,9 +42,17 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
+from structlog.contextvars import bound_contextvars
+
+from cxr_node.config import LimitsConfig
 
 log = structlog.get_logger(__name__)
+
+DEFAULT_LIMITS = LimitsConfig()
 
 # Percentiles of the robust window used when a file has no VOI LUT and no window: wide enough to
 # keep lung detail, narrow enough that a few saturated pixels (markers, wires) do not flatten it.
@@ -41,6 +60,22 @@ ROBUST_WINDOW_PERCENTILES = (0.5, 99.5)
 # Fraction cut from each edge before measuring the robust window, so that the collimated border
 # (blank, unexposed film) does not take a share of the grey levels.
 COLLIMATION_MARGIN = 0.1
+# Pixels the robust window's percentiles are taken from at most: a regular subsample of a larger
+# image gives the same window, with a fraction of the memory.
+ROBUST_WINDOW_SAMPLES = 4_000_000
+
+# Compressed transfer syntaxes whose codestream declares its own size, by where it says so.
+_JPEG_SYNTAXES = frozenset(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
+_JPEG2000_SYNTAXES = frozenset(JPEG2000TransferSyntaxes)
+# Frame header markers: SOF0..SOF15 of ITU-T T.81 (C4, C8 and CC are other markers) and the
+# JPEG-LS SOF55 of T.87.
+_SOF_MARKERS = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7})
+CODESTREAM_SCAN_BYTES = 1 << 20
+"""How far into a codestream its frame header is looked for (it follows a few small segments)."""
+MAX_DETAIL_CHARACTERS = 200
+"""Longest text of a library's error message kept in a reason."""
+MAX_LISTED_FAILURES = 5
+"""Failed frontal candidates named one by one in a study's reason; the rest are counted."""
 
 # (is implicit VR, is little endian) of a file without a File Meta header -> its transfer syntax.
 _SYNTAX_OF_ENCODING: dict[tuple[bool | None, bool | None], UID] = {
@@ -146,6 +181,8 @@ class Candidate:
     path: Path
     view: View
     instance_number: int | None = None
+    instance_id: int | None = None
+    """The stored copy's row id: how logs name this image (the UID and file name identify)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sop_instance_uid, str) or not self.sop_instance_uid.strip():
@@ -160,6 +197,17 @@ class Candidate:
             not isinstance(self.instance_number, int) or isinstance(self.instance_number, bool)
         ):
             raise TypeError(f"instance_number must be an int or None, got {self.instance_number!r}")
+        if self.instance_id is not None and (
+            not isinstance(self.instance_id, int)
+            or isinstance(self.instance_id, bool)
+            or self.instance_id < 1
+        ):
+            raise TypeError(f"instance_id must be a positive int or None, got {self.instance_id!r}")
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """The non-identifying handle of this image in log events."""
+        return {"instance": self.instance_id, "view": self.view.value}
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,12 +239,22 @@ class Selection:
     dropped: list[tuple[str, str]]
 
 
-def select_images(candidates: Sequence[Candidate], max_side: int, max_images: int = 2) -> Selection:
+Decode = Callable[[Path, int], np.ndarray]
+"""How an image is turned into model pixels: `prepare`, or `DecoderProcess.prepare` in the node."""
+
+
+def select_images(
+    candidates: Sequence[Candidate],
+    max_side: int,
+    max_images: int = 2,
+    decode: Decode | None = None,
+) -> Selection:
     """Choose and prepare the frontal (and lateral) image of a study.
 
     Frontal preference is PA, then AP, then an image of unknown view; within a view the highest
     Instance Number wins, because a repeated exposure is taken when the first one was unusable.
-    A candidate that fails to prepare is replaced by the next one of the same role.
+    A candidate that fails to prepare is replaced by the next one of the same role. ``decode``
+    defaults to `prepare` in this process.
     """
     _require_positive("max_side", max_side)
     _require_positive("max_images", max_images)
@@ -208,18 +266,19 @@ def select_images(candidates: Sequence[Candidate], max_side: int, max_images: in
     frontal_order = [
         c for view in (View.PA, View.AP, View.UNKNOWN) for c in _ranked(candidates, view)
     ]
-    frontal = _first_usable(frontal_order, max_side, failures)
+    decode = decode or prepare
+    frontal = _first_usable(frontal_order, max_side, failures, decode)
     if frontal is None:
         raise ImagingError(_no_frontal_reason(candidates, frontal_order, failures))
     if frontal[1].view is View.UNKNOWN:
         log.warning(
             "imaging.frontal_view_unknown",
-            sop_instance_uid=frontal[1].sop_instance_uid,
+            **frontal[1].log_fields,
             reason="no PA or AP image could be used; an unknown-view image is sent as frontal",
         )
     chosen = [frontal]
     if max_images >= 2:
-        lateral = _first_usable(_ranked(candidates, View.LATERAL), max_side, failures)
+        lateral = _first_usable(_ranked(candidates, View.LATERAL), max_side, failures, decode)
         if lateral is not None:
             chosen.append(lateral)
 
@@ -233,7 +292,7 @@ def select_images(candidates: Sequence[Candidate], max_side: int, max_images: in
             reason = f"{_label(candidate.view)} image could not be prepared: {failures[uid]}"
         else:
             reason = _unused_reason(candidate, [c for _, c in chosen], max_images)
-        log.info("imaging.candidate_dropped", sop_instance_uid=uid, reason=reason)
+        log.info("imaging.candidate_dropped", **candidate.log_fields, reason=reason)
         dropped.append((uid, reason))
     return Selection(images=[image for image, _ in chosen], dropped=dropped)
 
@@ -251,19 +310,16 @@ def _ranked(candidates: Sequence[Candidate], view: View) -> list[Candidate]:
 
 
 def _first_usable(
-    ordered: Sequence[Candidate], max_side: int, failures: dict[str, str]
+    ordered: Sequence[Candidate], max_side: int, failures: dict[str, str], decode: Decode
 ) -> tuple[ModelImage, Candidate] | None:
     """Prepare candidates in order until one works; each failure's reason goes into `failures`."""
     for candidate in ordered:
         try:
-            pixels = prepare(candidate.path, max_side)
+            with bound_contextvars(**candidate.log_fields):  # names the image in decode's events
+                pixels = decode(candidate.path, max_side)
         except ImagingError as exc:
             failures[candidate.sop_instance_uid] = str(exc)
-            log.warning(
-                "imaging.prepare_failed",
-                sop_instance_uid=candidate.sop_instance_uid,
-                reason=str(exc),
-            )
+            log.warning("imaging.prepare_failed", **candidate.log_fields, reason=str(exc))
             continue
         return ModelImage(candidate.sop_instance_uid, candidate.view, pixels), candidate
     return None
@@ -297,28 +353,35 @@ def _no_frontal_reason(
     tried = "; ".join(
         f"{_label(c.view)} #{c.instance_number if c.instance_number is not None else '?'}: "
         f"{failures[c.sop_instance_uid]}"
-        for c in frontal_order
+        for c in frontal_order[:MAX_LISTED_FAILURES]
     )
-    return f"no frontal image could be prepared: {tried}"
+    more = len(frontal_order) - MAX_LISTED_FAILURES
+    return f"no frontal image could be prepared: {tried}" + (f"; {more} more" if more > 0 else "")
 
 
 def _label(view: View) -> str:
     return _LABELS[view]
 
 
-def prepare(path: Path, max_side: int) -> np.ndarray:
+def prepare(path: Path, max_side: int, limits: LimitsConfig = DEFAULT_LIMITS) -> np.ndarray:
     """Decode one stored single-frame grayscale image into model pixels.
 
     Returns a 2-D uint8 array in display polarity (bone white), its longest side at most
-    `max_side` (never enlarged), aspect ratio kept.
+    `max_side` (never enlarged), aspect ratio kept. Nothing is decoded before the header and the
+    codestream's own frame header are within `limits`. This runs the decoder in the calling
+    process: the node calls it through `cxr_node.decoder.DecoderProcess`.
     """
     _require_positive("max_side", max_side)
-    with _failing_as("not readable as DICOM"):
+    with _failing_as("not readable as DICOM", path):
         ds = pydicom.dcmread(path, force=True)
-    with _failing_as("unusable image header"):
+    with _failing_as("unusable image header", path):
         syntax = _ensure_transfer_syntax(ds)
+        if "PixelData" not in ds:
+            raise ImagingError("no Pixel Data: not an image, or the file is truncated")
+        check_declared_size(ds, limits)
         _check_single_grayscale_frame(ds)
-    with _failing_as(f"pixel data cannot be decoded ({syntax.name})"):
+        _check_codestream(ds, syntax)
+    with _failing_as(f"pixel data cannot be decoded ({_syntax_name(syntax)})", path):
         stored = ds.pixel_array
     if stored.ndim != 2:
         raise ImagingError(
@@ -326,22 +389,40 @@ def prepare(path: Path, max_side: int) -> np.ndarray:
         )
     if stored.min() == stored.max():
         raise ImagingError(f"blank image: every pixel has the value {stored.min()}")
-    with _failing_as("grayscale transform failed"):
-        unit = _voi_unit(apply_modality_lut(stored, ds), ds)
+    with _failing_as("grayscale transform failed", path):
+        unit = _voi_unit(_modality_values(stored, ds), ds)
         if _displays_inverted(ds):
-            unit = 1.0 - unit
+            np.subtract(1.0, unit, out=unit)
     return _shrink(unit, max_side)
 
 
 @contextmanager
-def _failing_as(step: str) -> Iterator[None]:
-    """Turn whatever a library raises on bad input into an ImagingError that names the step."""
+def _failing_as(step: str, path: Path) -> Iterator[None]:
+    """Turn whatever a library raises on bad input into an ImagingError that names the step.
+
+    The library's message is kept short and one line, and never names the file (its name can
+    hold a UID): an OSError gives only its cause, and the path is cut from any other message.
+    """
     try:
         yield
-    except ImagingError:
+    except (ImagingError, MemoryError):  # out of memory: the decoder process reports the limit
         raise
     except Exception as exc:  # pydicom and its plugins raise many types on corrupt input
-        raise ImagingError(f"{step}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        for name in (str(path), path.name):
+            text = re.sub(rf"(?<![\w.]){re.escape(name)}(?![\w.])", "the file", text)
+        raise ImagingError(f"{step}: {_printable(text) or type(exc).__name__}") from exc
+
+
+def _printable(text: str, limit: int = MAX_DETAIL_CHARACTERS) -> str:
+    """One line of printable ASCII, at most ``limit`` characters: fit for a reason or a log."""
+    text = re.sub(r"[^\x20-\x7e]", "?", " ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _syntax_name(syntax: UID) -> str:
+    """The registered name of a transfer syntax; never the UID text itself, which a peer wrote."""
+    return syntax.name if syntax.name != str(syntax) else "unregistered transfer syntax"
 
 
 def _ensure_transfer_syntax(ds: Dataset) -> UID:
@@ -353,15 +434,124 @@ def _ensure_transfer_syntax(ds: Dataset) -> UID:
     return UID(syntax)
 
 
+def check_declared_size(ds: Dataset, limits: LimitsConfig) -> None:
+    """Refuse an image whose header declares more than `limits` allow (read from the header only).
+
+    Rows x Columns x frames x samples is bounded by ``max_image_pixels``, and that many values of
+    Bits Allocated by ``max_decoded_mb``: what a decoder would allocate for its output.
+    """
+    rows, columns = _header_count(ds, "Rows"), _header_count(ds, "Columns")
+    frames = _header_count(ds, "NumberOfFrames", default=1)
+    samples = _header_count(ds, "SamplesPerPixel", default=1)
+    bits = _header_count(ds, "BitsAllocated")
+    values = rows * columns * frames * samples
+    if values > limits.max_image_pixels:
+        raise ImagingError(
+            f"the header declares {rows} x {columns} pixels x {frames} frame(s) x {samples} "
+            f"sample(s) = {values:,}, more than limits.max_image_pixels "
+            f"({limits.max_image_pixels:,}); not decoded"
+        )
+    decoded_mb = values * bits / 8 / 2**20
+    if decoded_mb > limits.max_decoded_mb:
+        raise ImagingError(
+            f"the image would decode to {decoded_mb:,.1f} MB ({bits} bits allocated), more than "
+            f"limits.max_decoded_mb ({limits.max_decoded_mb}); not decoded"
+        )
+
+
+def _header_count(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """A positive whole number from the header; its text is quoted only when it is one."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise ImagingError(f"{keyword} in the header is missing")
+        return default
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ImagingError(f"{keyword} in the header is not a whole number") from None
+    if not 1 <= count < 2**31:
+        raise ImagingError(f"{keyword} in the header is out of range (1 to 2147483647)")
+    return count
+
+
+def _check_codestream(ds: Dataset, syntax: UID) -> None:
+    """Refuse a codestream whose own frame header declares another size than the DICOM header.
+
+    Decoders allocate what the codestream declares, so a small header in front of a codestream
+    claiming 16384 x 16384 pixels would bypass `check_declared_size`. Syntaxes whose codestream
+    has no cheaply read size (RLE, deflate: their output size follows the header) are not checked.
+    """
+    if syntax in _JPEG_SYNTAXES:
+        declared = _jpeg_frame_size(_codestream_start(ds))
+    elif syntax in _JPEG2000_SYNTAXES:
+        declared = _jpeg2000_image_size(_codestream_start(ds))
+    else:
+        return
+    header = (_header_count(ds, "Rows"), _header_count(ds, "Columns"),
+              _header_count(ds, "SamplesPerPixel", default=1))
+    if declared != header:
+        raise ImagingError(
+            "the compressed codestream declares {} x {} x {}, the DICOM header {} x {} x {} "
+            "(rows x columns x samples); not decoded".format(*declared, *header)
+        )
+
+
+def _codestream_start(ds: Dataset) -> bytes:
+    """The first CODESTREAM_SCAN_BYTES of the codestream, across fragments (one frame: checked)."""
+    items = io.BytesIO(ds.PixelData)
+    parse_basic_offsets(items)
+    start = bytearray()
+    for fragment in generate_fragments(items):
+        start += fragment[: CODESTREAM_SCAN_BYTES - len(start)]
+        if len(start) == CODESTREAM_SCAN_BYTES:
+            break
+    if not start:
+        raise ImagingError("the encapsulated Pixel Data holds no codestream")
+    return bytes(start)
+
+
+def _jpeg_frame_size(stream: bytes) -> tuple[int, int, int]:
+    """(lines, samples per line, components) of the frame header of a JPEG or JPEG-LS stream."""
+    if stream[:2] != b"\xff\xd8":
+        raise ImagingError("the codestream does not start with a JPEG SOI marker")
+    position = 2
+    while position + 4 <= len(stream) and stream[position] == 0xFF:
+        marker = stream[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+        elif marker in _SOF_MARKERS and position + 10 <= len(stream):
+            lines, samples = struct.unpack_from(">HH", stream, position + 5)
+            return lines, samples, stream[position + 9]
+        elif marker in (0xD8, 0xD9, 0xDA):  # a second SOI, the end, or a scan before any frame
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            position += 2
+        else:
+            position += 2 + struct.unpack_from(">H", stream, position + 2)[0]
+    raise ImagingError("no JPEG frame header (SOF) where the codestream should have one")
+
+
+def _jpeg2000_image_size(stream: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) from the SIZ segment that follows SOC (ISO 15444-1 A.5.1).
+
+    Searched for rather than expected at offset 0, so that a JP2 file wrapped by mistake is read.
+    """
+    start = stream.find(b"\xff\x4f\xff\x51")
+    if start < 0 or start + 42 > len(stream):
+        raise ImagingError("no JPEG 2000 SIZ segment where the codestream should have one")
+    width, height, left, top = struct.unpack_from(">IIII", stream, start + 8)
+    (components,) = struct.unpack_from(">H", stream, start + 40)
+    return height - top, width - left, components
+
+
 def _check_single_grayscale_frame(ds: Dataset) -> None:
-    if "PixelData" not in ds:
-        raise ImagingError("no Pixel Data: not an image, or the file is truncated")
-    samples = int(ds.get("SamplesPerPixel", 1))
+    samples = _header_count(ds, "SamplesPerPixel", default=1)
     if samples != 1:
         raise ImagingError(
             f"colour image (Samples per Pixel {samples}); only grayscale radiographs can be used"
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _header_count(ds, "NumberOfFrames", default=1)
     if frames != 1:
         raise ImagingError(
             f"multi-frame image ({frames} frames); only single-frame radiographs can be used"
@@ -369,8 +559,23 @@ def _check_single_grayscale_frame(ds: Dataset) -> None:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImagingError(
-            f"Photometric Interpretation {photometric or '(missing)'} is not grayscale"
+            f"Photometric Interpretation {_printable(photometric, 16) or '(missing)'} is not "
+            "grayscale"
         )
+
+
+def _modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Modality LUT stage (PS3.3 C.11.1), with Rescale Slope and Intercept in float32.
+
+    pydicom's apply_modality_lut rescales in float64: twice the memory of the largest array in
+    the rendering, for no difference an 8-bit image can show.
+    """
+    if ds.get("ModalityLUTSequence") or "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        return apply_modality_lut(stored, ds)
+    values = stored.astype(np.float32)
+    values *= float(ds.RescaleSlope)
+    values += float(ds.RescaleIntercept)
+    return values
 
 
 def _voi_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -397,9 +602,12 @@ def _voi_lut_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     low, high = float(lut_output.min()), float(lut_output.max())
     if high <= low:
         raise ImagingError("the VOI LUT maps every value to the same grey")
-    # Clip to the LUT's inputs first: pydicom indexes through uint16, where larger values wrap.
-    indices = np.clip(np.rint(values), inputs[0], inputs[-1]).astype(np.int64)
-    return _scaled(apply_voi(indices, ds, index=0), low, high)
+    # Looked up in the LUT read above, clipped to its inputs: pydicom's own lookup indexes
+    # through uint16 (larger values wrap) and takes several full-size copies of the image.
+    positions = np.rint(values, dtype=np.float32)
+    np.clip(positions, inputs[0], inputs[-1], out=positions)
+    positions -= first_mapped
+    return _scaled(lut_output[positions.astype(np.int32)], low, high)
 
 
 def _first_window(ds: Dataset) -> tuple[float, float] | None:
@@ -440,9 +648,15 @@ def _window_unit(values: np.ndarray, center: float, width: float, function: str)
 
 
 def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map low..high to 0..1, clipping outside: the linear core of every VOI stage here."""
-    unit: np.ndarray = np.clip((values - low) / (high - low), 0.0, 1.0)
-    return unit.astype(np.float32)
+    """Map low..high to 0..1, clipping outside: the linear core of every VOI stage here.
+
+    One new float32 array, changed in place: the largest image the limits admit stays well
+    inside the decoder's memory limit.
+    """
+    unit: np.ndarray = np.subtract(values, low, dtype=np.float32)
+    unit /= high - low
+    np.clip(unit, 0.0, 1.0, out=unit)
+    return unit
 
 
 def _robust_window(values: np.ndarray) -> tuple[float, float]:
@@ -454,6 +668,8 @@ def _robust_window(values: np.ndarray) -> tuple[float, float]:
     rows, columns = values.shape
     dy, dx = int(rows * COLLIMATION_MARGIN), int(columns * COLLIMATION_MARGIN)
     centre = values[dy : rows - dy, dx : columns - dx]
+    step = max(1, math.ceil(math.sqrt(centre.size / ROBUST_WINDOW_SAMPLES)))
+    centre = centre[::step, ::step]
     anatomy = centre[(centre > centre.min()) & (centre < centre.max())]
     low, high = (
         float(v)

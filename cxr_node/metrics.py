@@ -77,15 +77,24 @@ class Instruments:
         self.associations_accepted = Counter(
             "cxr_node_associations_accepted", "DICOM associations accepted")
         self.associations_rejected = Counter(
-            "cxr_node_associations_rejected", "DICOM associations rejected (A-ASSOCIATE-RJ)",
+            "cxr_node_associations_rejected",
+            "DICOM associations rejected (A-ASSOCIATE-RJ) or connections closed before "
+            "negotiating, by reason", ["reason"])
+        self.associations_aborted = Counter(
+            "cxr_node_associations_aborted",
+            "Accepted associations the node aborted for what the peer sent, by reason",
             ["reason"])
         self.instances_received = Counter(
             "cxr_node_instances_received", "Instances answered with success, by outcome",
             ["outcome"])
         self.instances_rejected = Counter(
             "cxr_node_instances_rejected",
-            "Instances refused: quarantined (unusable dataset) or out of resources (retry later)",
-            ["reason", "status"])
+            "Instances refused: quarantined (unusable dataset), out of resources (retry later) "
+            "or over limits (too large to keep)", ["reason", "status"])
+        self.instances_reconciled = Counter(
+            "cxr_node_instances_reconciled",
+            "Spool files found at start without an index row: indexed, removed or quarantined",
+            ["outcome"])
         self.drafts = Counter("cxr_node_drafts", "Draft jobs finished, by outcome", ["outcome"])
         self.draft_retries = Counter(
             "cxr_node_draft_retries", "Draft jobs lost or failed and submitted again, or given up",
@@ -107,6 +116,9 @@ class Instruments:
             buckets=END_TO_END_BUCKETS)
         self.audit_write_errors = Counter(
             "cxr_node_audit_write_errors", "Audit records that could not be written")
+        self.purges = Counter(
+            "cxr_node_purges", "Retention purges: a study's images, a whole study, quarantine",
+            ["kind"])
 
 
 _instruments: Instruments | None = None

@@ -7,22 +7,27 @@ from the last committed state.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
 from cxr_node import audit, metrics
+from cxr_node.admission import SHARED_INTS_PER_RECEIVER
 from cxr_node.config import Config, ConfigError
+from cxr_node.lifetime import die_with_parent, starter_env
 from cxr_node.logs import configure_logging
-from cxr_node.receive import Spool
+from cxr_node.part10 import Limits
+from cxr_node.spool import Spool
 from cxr_node.store import Store
 
 if TYPE_CHECKING:
@@ -66,11 +71,21 @@ class Wakeup:
             event.set()
 
 
+STAGE_BACKOFF_INITIAL_SECONDS = 0.05
+STAGE_BACKOFF_MAX_SECONDS = 30.0
+STAGE_FAILURE_SUMMARY_SECONDS = 60.0
+"""A failing stage logs its first traceback, then one line with a count at most this often."""
+
+
 class StageRunner(threading.Thread):
     """Runs one stage's ``step`` in a loop; an error is logged and the stage carries on.
 
     An idle stage waits for a wake-up, the poll interval, or a timer of its own running out
-    (a study's settle time), whichever comes first.
+    (a study's settle time), whichever comes first. A stage whose step keeps raising (a full
+    disk, a database it cannot write) waits longer after each failure, doubling up to
+    ``STAGE_BACKOFF_MAX_SECONDS``, and is not woken by the other stages meanwhile; it logs the
+    first failure with its traceback, then a ``stage.still_failing`` line with the count at most
+    every ``STAGE_FAILURE_SUMMARY_SECONDS``, and ``stage.recovered`` when a step succeeds again.
     """
 
     def __init__(self, name: str, stage: Stage, interval: float, stopping: threading.Event,
@@ -81,29 +96,49 @@ class StageRunner(threading.Thread):
         self.stopping = stopping
         self.wakeup = wakeup
         self.woken = wakeup.subscribe()
+        self._failures = 0  # consecutive
+        self._unreported = 0  # failures since the last line logged about them
+        self._reported_at = 0.0
 
     def run(self) -> None:
         while not self.stopping.is_set():
             self.woken.clear()
             try:
                 busy = self.stage.step()
-            except Exception:
-                log.exception("stage.error", stage=self.name)
-                busy = 0
+            except Exception as exc:
+                self._failed(exc)
+                self.stopping.wait(self._backoff_seconds())
+                continue
+            if self._failures:
+                log.warning("stage.recovered", stage=self.name, failures=self._failures)
+                self._failures = self._unreported = 0
             if busy:
                 self.wakeup.notify()
             else:
                 self.woken.wait(self._idle_seconds())
 
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        self._unreported += 1
+        now = time.monotonic()
+        if self._failures == 1:
+            log.exception("stage.error", stage=self.name)
+        elif now - self._reported_at >= STAGE_FAILURE_SUMMARY_SECONDS:
+            log.error("stage.still_failing", stage=self.name, failures=self._unreported,
+                      consecutive=self._failures, retry_in=round(self._backoff_seconds(), 2),
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+        else:
+            return
+        self._reported_at = now
+        self._unreported = 0
+
+    def _backoff_seconds(self) -> float:
+        exponent = min(self._failures - 1, 32)
+        return min(STAGE_BACKOFF_INITIAL_SECONDS * 2**exponent, STAGE_BACKOFF_MAX_SECONDS)
+
     def _idle_seconds(self) -> float:
         due = self.stage.seconds_until_due() if isinstance(self.stage, Timed) else None
         return self.interval if due is None else min(self.interval, max(due, 0.0))
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the node dies, so no orphan keeps the port."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def forward_arrivals(arrivals: Any, woken: threading.Event, stopping: threading.Event) -> None:
@@ -114,9 +149,21 @@ def forward_arrivals(arrivals: Any, woken: threading.Event, stopping: threading.
             woken.set()
 
 
-def receiver_main(config: Config, admitted: Any, ready: Any, index: int, arrivals: Any) -> None:
+@dataclass(frozen=True)
+class ReceiverCounts:
+    """Shared memory the receiver processes count admitted associations and pending connections
+    in (admission.py), and the key that hashes peer addresses to pending slots."""
+
+    admitted: Any
+    pending: Any
+    key: bytes
+
+
+def receiver_main(config: Config, counts: ReceiverCounts, ready: Any, index: int,
+                  arrivals: Any) -> None:
     """Entry point of one receiver process."""
-    from cxr_node.receive import Admission, Receiver
+    from cxr_node.admission import Admission, ConnectionGate
+    from cxr_node.receive import Receiver
     from cxr_node.tls import server_context
 
     die_with_parent()
@@ -131,8 +178,11 @@ def receiver_main(config: Config, admitted: Any, ready: Any, index: int, arrival
         ready.put((index, f"node.tls: {exc}"))
         return
     try:
-        admission = Admission(config.node.max_associations, admitted, index)
-        receiver = Receiver(config, Store(config.database_path), admission, ssl_context,
+        admission = Admission(config.node.max_associations, counts.admitted, index)
+        gate = ConnectionGate(config.accept, config.node.max_pending_connections,
+                              config.node.max_pending_per_source, counts.pending, index,
+                              counts.key)
+        receiver = Receiver(config, Store(config.database_path), admission, gate, ssl_context,
                             on_stored=arrivals.set)
     except OSError as exc:
         ready.put((index, f"cannot listen on {config.node.host}:{config.node.port}: {exc.strerror}"))
@@ -153,7 +203,10 @@ class Node:
         self._mp = mp.get_context("spawn")
         self._ready = self._mp.Queue()
         self._arrivals = self._mp.Event()  # set by a receiver process for each new instance
-        self._admitted = self._mp.Array("i", config.node.receivers)  # associations per receiver
+        self._counts = ReceiverCounts(
+            admitted=self._mp.Array("i", config.node.receivers),  # associations per receiver
+            pending=self._mp.Array("i", config.node.receivers * SHARED_INTS_PER_RECEIVER),
+            key=secrets.token_bytes(16))
         self.receivers: list[mp.process.BaseProcess] = []
         self.worker: subprocess.Popen[bytes] | None = None
         self.http: StatusServer | None = None
@@ -161,11 +214,17 @@ class Node:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        removed = Spool(self.config.spool_dir, self.config.quarantine_dir).remove_partial_files()
+        spool = Spool(self.config.spool_dir, self.config.quarantine_dir)
+        removed = spool.remove_partial_files()
         if removed:
             log.warning("spool.partial_files_removed", count=removed)
         metrics.enable_multiprocess(self.config.state_dir)  # before any receiver is spawned
         audit.open_trail(self.config.audit_path)
+        store = Store(self.config.database_path)
+        try:  # before the port opens: no association can race it
+            spool.reconcile(store, Limits.of(self.config.limits))
+        finally:
+            store.close()
         problem = self._start_receivers() or self._start_http()
         if problem:
             log.error("node.start_failed", reason=problem)
@@ -234,7 +293,7 @@ class Node:
 
     def _spawn_receiver(self, index: int) -> None:
         proc = self._mp.Process(target=receiver_main, name=f"cxr-receiver-{index}",
-                                args=(self.config, self._admitted, self._ready, index,
+                                args=(self.config, self._counts, self._ready, index,
                                       self._arrivals))
         proc.start()
         self.receivers.append(proc)
@@ -277,11 +336,15 @@ class Node:
 
 
 def start_local_worker(config: Config) -> subprocess.Popen[bytes]:
-    """The single-machine default: one worker process beside the node, same configuration."""
-    env = dict(os.environ, CXR_NODE_CONFIG=str(config.source))
+    """The single-machine default: one worker process beside the node, same configuration.
+
+    The worker asks for the parent-death signal itself (lifetime.py): no preexec_fn, which is
+    unsafe while the stage threads run.
+    """
+    env = starter_env(dict(os.environ, CXR_NODE_CONFIG=str(config.source)))
     cmd = [sys.executable, "-m", "cxr_node", "worker", "--config", str(config.source)]
     log.info("worker.starting", local=True)
-    return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    return subprocess.Popen(cmd, env=env)
 
 
 def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
@@ -290,6 +353,7 @@ def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
     from cxr_node.dispatch import Outbox
     from cxr_node.queue import DraftQueue
     from cxr_node.report import Reporter
+    from cxr_node.retention import Retention
 
     outbox = Outbox(config, store)
     return [
@@ -297,4 +361,5 @@ def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
         ("queue", DraftQueue(config, store)),
         ("report", Reporter(config, store, outbox)),
         ("dispatch", outbox),
+        ("retention", Retention(config, store)),
     ]

@@ -1,7 +1,8 @@
 """The preliminary AI draft as a DICOM Structured Report, filed in the images' own study.
 
-The worker hands back text and the model's identity; this module turns them, plus the stored source
-images, into a Comprehensive SR (SOP class 1.2.840.10008.5.1.4.1.1.88.33) in the shape of TID 2000
+The worker hands back text (a DraftResult, workers/payload.py); the queue stage puts beside it the
+model identity the node vouches for (cxr_node/identity.py), never the worker's own claim. This
+module turns them, plus the stored source images, into a Comprehensive SR (SOP class 1.2.840.10008.5.1.4.1.1.88.33) in the shape of TID 2000
 "Basic Diagnostic Imaging Report", marked PARTIAL / UNVERIFIED / PRELIMINARY so that no system can
 take it for a signed report.
 
@@ -41,8 +42,9 @@ Source values (rule for identifying values that are not valid DICOM, e.g. ``966_
 
 * Values that tie the report to the patient and the order are copied verbatim or not at all:
   StudyInstanceUID, PatientID, IssuerOfPatientID, PatientName and AccessionNumber. If one of them
-  is not a valid value for its VR, the draft fails with a ReportError naming the file, the
-  attribute and the reason (never the value); an admin fixes the source or the study stays
+  is not a valid value for its VR, the draft fails with a ReportError naming the image (by its
+  handle: instance row id and view, never the file name, which can hold a UID), the attribute and
+  the reason (never the value); an admin fixes the source or the study stays
   undrafted. Study Instance UID, Patient ID and Issuer must also agree across all images.
   (``966_fixed.dcm`` fails here: its AccessionNumber has 56 characters, SH allows 16.)
 * Optional descriptive values (PatientBirthDate, PatientSex, StudyDate, StudyTime, StudyID,
@@ -54,6 +56,10 @@ Model text is normalised once, in DraftReport: outer whitespace is stripped (DIC
 spaces on reading anyway) and each TAB becomes a space (text VRs allow only CR, LF and FF as
 control characters); any other control character is refused. What remains round-trips byte for
 byte through ISO_IR 192 (UTF-8), which every SR declares whatever the source's character set.
+Findings and impression together are at most ``limits.max_draft_characters``, and text that
+imitates a signature or a final status ("Electronically signed", "FINAL REPORT", "verified by",
+an addendum: SIGN_OFF_CUES) is refused, so the study fails with the cue named and no SR claims to
+be more than a machine draft.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ import io
 import json
 import re
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +88,7 @@ from highdicom.sr import (
     ObserverContext,
     TextContentItem,
 )
+from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -89,9 +97,11 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import MAX_VALUE_LEN, VALIDATORS
 
 from cxr_node import __version__, audit
-from cxr_node.config import Config, ReportConfig
+from cxr_node.config import Config, LimitsConfig, ReportConfig
 from cxr_node.durable import write_atomic
-from cxr_node.store import Store, Study, StudyState
+from cxr_node.identity import DEMO_LABEL, ModelIdentity
+from cxr_node.store import Store, Study, StudyState, instance_handle
+from workers.payload import ContractError, DraftResult, contract_problem, parse_result
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +115,6 @@ ENGLISH = CodedConcept("en", "RFC5646", "English")
 DISCLAIMER = "AI-generated preliminary draft — not reviewed by a radiologist"
 DEMO_DISCLAIMER = "DEMO MODEL — not a clinical report"
 SERIES_LABEL = "AI DRAFT — NOT VERIFIED"
-DEMO_LABEL = "DEMO MODEL"
 COMPLETION_DESCRIPTION = "Machine-generated draft; requires radiologist review"
 DEMO_COMPLETION_DESCRIPTION = "DEMO MODEL, not a clinical report; machine-generated draft"
 
@@ -129,9 +138,11 @@ PATIENT_SEXES = {"M", "F", "O", ""}
 STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
               "UI", "UR", "UT"}  # fmt: skip
 TEXT_VRS = {"LT", "ST", "UT"}  # may hold CR, LF, FF and backslashes
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Text VRs allow CR, LF and FF; TAB is rewritten to a space; every other control is refused.
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+DEFAULT_MAX_DRAFT_CHARACTERS: int = LimitsConfig.model_fields["max_draft_characters"].default
 
 
 class ReportError(Exception):
@@ -139,50 +150,15 @@ class ReportError(Exception):
 
 
 @dataclass(frozen=True)
-class ModelIdentity:
-    """Which model wrote the draft; every field lands in LO attributes, so each is a valid LO."""
-
-    name: str
-    version: str
-    architecture: str
-    quantization: str
-    adapter: str | None
-    fingerprint: str
-    demo: bool
-
-    def __post_init__(self) -> None:
-        for field in ("name", "version", "architecture", "quantization", "adapter"):
-            value = getattr(self, field)
-            if value is None and field == "adapter":
-                continue
-            if not isinstance(value, str) or not value.strip():
-                raise ReportError(f"model.{field}: expected a non-empty string")
-            reason = invalid_reason("LO", value)
-            if reason is None and len(value.encode()) > MAX_VALUE_LEN["LO"]:
-                reason = f"{len(value.encode())} bytes in UTF-8, LO allows 64"
-            if reason:
-                raise ReportError(f"model.{field}: not usable as a DICOM LO value ({reason})")
-        if not isinstance(self.fingerprint, str) or not SHA256_HEX.fullmatch(self.fingerprint):
-            raise ReportError("model.fingerprint: expected a sha256 digest (64 lowercase hex)")
-        if not isinstance(self.demo, bool):
-            raise ReportError("model.demo: expected true or false")
-
-    @property
-    def description(self) -> str:
-        """One line for people: name, version, architecture, quantization, adapter."""
-        adapter = f", adapter {self.adapter}" if self.adapter else ""
-        demo = f" [{DEMO_LABEL}]" if self.demo else ""
-        build = f"{self.architecture}, {self.quantization}{adapter}"
-        return f"{self.name} {self.version} ({build}){demo}"
-
-
-@dataclass(frozen=True)
 class DraftReport:
-    """The model's Findings and Impression, normalised to text that survives DICOM unchanged."""
+    """The model's Findings and Impression, normalised to text that survives DICOM unchanged, and
+    checked to be what a preliminary draft may say: at most ``max_characters`` together, and no
+    wording that imitates a signature or a final status (SIGN_OFF_CUES)."""
 
     findings: str
     impression: str
     model: ModelIdentity
+    max_characters: int = field(default=DEFAULT_MAX_DRAFT_CHARACTERS, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "findings", _clean_text("findings", self.findings))
@@ -191,45 +167,86 @@ class DraftReport:
             raise ReportError("findings: empty; a draft needs findings text")
         if not isinstance(self.model, ModelIdentity):
             raise ReportError("model: expected a ModelIdentity")
+        length = len(self.findings) + len(self.impression)
+        if length > self.max_characters:
+            raise ReportError(
+                f"findings and impression: {length} characters, more than "
+                f"limits.max_draft_characters ({self.max_characters})"
+            )
+        for where in ("findings", "impression"):
+            _refuse_sign_off(where, getattr(self, where))
 
     @classmethod
-    def from_result(cls, result: Mapping[str, Any]) -> DraftReport:
-        """Validate a worker's result dict; raise ReportError naming the first bad field."""
-        if not isinstance(result, Mapping):
-            raise ReportError(f"result: expected a mapping, got {type(result).__name__}")
-        _field(result, "result", "request_id", str, nonempty=True)
-        if _field(result, "result", "ok", bool) is not True:
+    def from_result(
+        cls, result: DraftResult | Mapping[str, Any],
+        max_characters: int = DEFAULT_MAX_DRAFT_CHARACTERS,
+    ) -> DraftReport:
+        """The draft in a worker's result (checked against the contract if it is not yet a
+        DraftResult); raise ReportError naming the first bad field. The result's ``model`` is
+        used as it is: the queue stage has already put the node's identity there."""
+        if not isinstance(result, DraftResult):
+            try:
+                result = parse_result(result)
+            except ContractError as exc:
+                raise ReportError(str(exc)) from None
+        if not result.ok:
             raise ReportError("result.ok: the worker reported a failure; there is no draft")
-        findings = _field(result, "result", "findings", str)
-        impression = _field(result, "result", "impression", str)
-        _field(result, "result", "text", str)
-        notes = _field(result, "result", "notes", list)
-        for i, note in enumerate(notes):
-            if not isinstance(note, str):
-                kind = type(note).__name__
-                raise ReportError(f"result.notes[{i}]: expected a string, got {kind}")
-        model = _field(result, "result", "model", Mapping)
-        timings = _field(result, "result", "timings", Mapping)
-        for key, kind in (("generate_seconds", float), ("batch_size", int), ("new_tokens", int)):
-            value = _field(timings, "result.timings", key, kind)
-            if value < (1 if key == "batch_size" else 0):
-                raise ReportError(f"result.timings.{key}: out of range ({value})")
-        _field(timings, "result.timings", "worker", str)
-        _field(timings, "result.timings", "device", str)
-        identity = ModelIdentity(
-            name=_field(model, "result.model", "name", str),
-            version=_field(model, "result.model", "version", str),
-            architecture=_field(model, "result.model", "architecture", str),
-            quantization=_field(model, "result.model", "quantization", str),
-            adapter=_field(model, "result.model", "adapter", str, optional=True),
-            fingerprint=_field(model, "result.model", "fingerprint", str),
-            demo=_field(model, "result.model", "demo", bool),
+        return cls(result.findings, result.impression, result.model, max_characters)
+
+
+# Wording that would make a machine draft pass for a signed or final report. Each is specific
+# enough that real report prose does not trip it ("no final diagnosis", "finally", "signs of"):
+# none fires on the 7,346 findings and impression sections of the Indiana University reports.
+SIGN_OFF_CUES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(pattern, flags))
+    for name, pattern, flags in (
+        ("a signature", r"\b(?:electronically|digitally)\s+signed\b|\be-?signed\b"
+                        r"|\bsigned\s*(?:by\b|off\b|:)|\bsignature\s*:|(?:^|\s)/s/\s*\w", re.I),
+        ("a final status", r"\bfinal\s+(?:report|read|version|result)\b|\bfinali[sz]ed\b"
+                           r"|\bstatus\s*[:-]\s*(?:final|verified|signed|approved|completed?)\b",
+         re.I),
+        ("a verification", r"\b(?:verified|approved|attested|authenticated|countersigned)\s+by\b"
+                           r"|\bi\s+have\s+(?:personally\s+)?(?:reviewed|examined)\b"
+                           r"|\bi\s+(?:agree|concur)\s+with\b", re.I),
+        ("a dictation", r"\b(?:dictated|transcribed)\s*(?:by\b|on\b|:)", re.I),
+        ("a reading physician", r"\battending\s+(?:radiologist|physician)\b"
+                                r"|\b(?:radiologist|attending|(?:reading|interpreting)\s+physician)"
+                                r"\s*:", re.I),
+        ("an addendum", r"\baddend(?:um|a)\b", re.I),
+        ("an amended report", r"\b(?:amended|corrected|revised)\s+report\b", re.I),
+        ("a physician's credentials",
+         r"\b[A-Z][a-z]+,?\s+(?:M\.D\.|MD|D\.O\.|FRCR|FRCPC|FRANZCR|MBBS)(?!\w)", 0),
+    )
+)
+
+
+def sign_off_cue(text: str) -> tuple[str, str, int] | None:
+    """The first cue of a signature or final status in ``text``: (cue, words, position), or None.
+
+    Matched after NFKC normalisation without format characters, so full-width letters or
+    zero-width spaces do not hide a cue.
+    """
+    plain = "".join(c for c in unicodedata.normalize("NFKC", text)
+                    if unicodedata.category(c) != "Cf")
+    for name, pattern in SIGN_OFF_CUES:
+        found = pattern.search(plain)
+        if found:
+            return name, " ".join(found.group().split())[:40], found.start()
+    return None
+
+
+def _refuse_sign_off(where: str, text: str) -> None:
+    cue = sign_off_cue(text)
+    if cue:
+        name, words, position = cue
+        raise ReportError(
+            f"{where} imitates {name} ({words!r} at character {position}); an AI draft never "
+            "claims to be signed, verified or final, so it is not filed"
         )
-        return cls(findings=findings, impression=impression, model=identity)
 
 
 def build_draft_sr(
-    images: Sequence[Path],
+    images: Sequence[Path] | Mapping[str, Path],
     draft: DraftReport,
     settings: ReportConfig,
     *,
@@ -238,9 +255,12 @@ def build_draft_sr(
 ) -> Dataset:
     """The draft as a Comprehensive SR in the images' study, ready for write_sr.
 
-    ``images`` are the stored Part-10 files of every image the model read; only their headers are
-    read. ``supersedes`` is the earlier draft SR this one replaces; ``revision`` numbers the drafts
-    of a study (InstanceNumber) and changes the SOP Instance UID.
+    ``images`` are the stored Part-10 files of every image the model read (only their headers are
+    read), as a list or as a mapping from a non-identifying handle such as "instance 12 (PA)" to
+    the file: messages and log lines name an image by its handle, or by its position in the list
+    ("source image 2"), never by its file name, which may hold a UID. ``supersedes`` is the earlier draft
+    SR this one replaces; ``revision`` numbers the drafts of a study (InstanceNumber) and changes
+    the SOP Instance UID.
     """
     if not isinstance(draft, DraftReport):
         raise ReportError("draft: expected a DraftReport")
@@ -248,7 +268,10 @@ def build_draft_sr(
         raise ReportError(f"revision: expected a positive integer, got {revision!r}")
     if not images:
         raise ReportError("images: no source image; a draft must reference what the model read")
-    sources = sorted((_read_source(Path(p)) for p in images), key=lambda s: s.sop_instance_uid)
+    named = (images.items() if isinstance(images, Mapping)
+             else ((f"source image {n}", p) for n, p in enumerate(images, 1)))
+    sources = sorted((_read_source(handle, Path(p)) for handle, p in named),
+                     key=lambda s: s.sop_instance_uid)
     _check_distinct(sources)
     patient_study, omitted = _patient_and_study(sources)
     study_uid = sources[0].evidence.StudyInstanceUID
@@ -394,7 +417,10 @@ def check_values(ds: Dataset) -> None:
 
 @dataclass(frozen=True)
 class _Source:
-    """One source image: its header (for values) and a header-only evidence copy (for highdicom)."""
+    """One source image: its header (for values) and a header-only evidence copy (for highdicom).
+
+    ``name`` is the non-identifying handle messages use for it.
+    """
 
     name: str
     header: Dataset
@@ -403,21 +429,28 @@ class _Source:
     digest: str
 
 
-def _read_source(path: Path) -> _Source:
+def _read_source(handle: str, path: Path) -> _Source:
     """Read one image header; its UIDs must be valid because the SR references them."""
     try:
         digest = _sha256(path)
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
-        raise ReportError(f"source image {path.name}: cannot be read ({exc})") from exc
+        raise ReportError(f"{handle}: cannot be read ({_why(exc, path)})") from exc
     evidence = Dataset()
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         value = header.get(keyword)
         reason = "missing" if not value else invalid_reason("UI", value)
         if reason:
-            raise ReportError(f"source image {path.name}: {keyword} is {reason}")
+            raise ReportError(f"{handle}: {keyword} is {reason}")
         setattr(evidence, keyword, str(value))
-    return _Source(path.name, header, evidence, evidence.SOPInstanceUID, digest)
+    return _Source(handle, header, evidence, evidence.SOPInstanceUID, digest)
+
+
+def _why(exc: Exception, path: Path) -> str:
+    """What went wrong reading ``path``, without its name: a spool file name holds a UID."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc).replace(str(path), "the file").replace(path.name, "the file")
 
 
 def _sha256(path: Path) -> str:
@@ -430,7 +463,7 @@ def _check_distinct(sources: Sequence[_Source]) -> None:
     for source in sources:
         if source.sop_instance_uid in seen:
             raise ReportError(
-                f"source images {seen[source.sop_instance_uid]} and {source.name} are the same "
+                f"{seen[source.sop_instance_uid]} and {source.name} are the same "
                 "instance (same SOP Instance UID); list each image once"
             )
         seen[source.sop_instance_uid] = source.name
@@ -456,7 +489,7 @@ def _patient_and_study(sources: Sequence[_Source]) -> tuple[Dataset, list[tuple[
             reason = _source_problem(source.header, keyword)
             if reason:
                 raise ReportError(
-                    f"source image {source.name}: {keyword} is not valid DICOM ({reason}); it "
+                    f"{source.name}: {keyword} is not valid DICOM ({reason}); it "
                     "identifies the patient or the order, so it is neither changed nor dropped: "
                     "fix the source, or leave this study to the radiologist"
                 )
@@ -514,17 +547,17 @@ def _read_predecessor(path: Path, source: _Source, revision: int) -> Dataset:
     try:
         earlier = pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
-        raise ReportError(f"superseded draft {path.name}: cannot be read ({exc})") from exc
+        raise ReportError(f"the superseded draft cannot be read ({_why(exc, path)})") from exc
     if getattr(earlier, "Modality", None) != "SR" or "ContentSequence" not in earlier:
-        raise ReportError(f"superseded draft {path.name}: not an SR document")
+        raise ReportError("the superseded draft is not an SR document")
     for keyword in ("StudyInstanceUID", "PatientID"):
         if str(earlier.get(keyword, "")) != str(source.header.get(keyword, "")):
             raise ReportError(
-                f"superseded draft {path.name}: different {keyword} from the source images"
+                f"the superseded draft has a different {keyword} from the source images"
             )
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
         if not earlier.get(keyword):
-            raise ReportError(f"superseded draft {path.name}: {keyword} is missing")
+            raise ReportError(f"the superseded draft's {keyword} is missing")
     earlier_revision = int(earlier.get("InstanceNumber") or 0)
     if revision <= earlier_revision:
         raise ReportError(
@@ -619,34 +652,7 @@ def _derived_uid(prefix: str, purpose: str, *parts: str) -> str:
     return str(generate_uid(prefix=prefix, entropy_srcs=[json.dumps([purpose, *parts])]))
 
 
-# --- result validation ---------------------------------------------------------------------------
-
-
-def _field(
-    mapping: Mapping[str, Any],
-    where: str,
-    key: str,
-    kind: type,
-    *,
-    nonempty: bool = False,
-    optional: bool = False,
-) -> Any:
-    """mapping[key] checked against ``kind``; the message names the full path of the field."""
-    if key not in mapping:
-        raise ReportError(f"{where}.{key}: missing")
-    value = mapping[key]
-    if value is None and optional:
-        return None
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        expected = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
-                    list: "a list", Mapping: "a mapping"}[kind]  # fmt: skip
-        raise ReportError(f"{where}.{key}: expected {expected}, got {type(value).__name__}")
-    if nonempty and not value:
-        raise ReportError(f"{where}.{key}: empty")
-    return value
+# --- draft text -----------------------------------------------------------------------------------
 
 
 def _clean_text(where: str, value: Any) -> str:
@@ -695,13 +701,17 @@ class Reporter:
         try:
             if job is None:
                 raise ReportError("no finished draft for this revision")
-            draft = DraftReport.from_result(json.loads(job["result"]))
-            images = [Path(i["path"]) for i in json.loads(job["inputs"])["images"]]
+            draft = DraftReport.from_result(DraftResult.model_validate_json(job["result"]),
+                                            self.config.limits.max_draft_characters)
+            images = {instance_handle(i["instance_id"], i["view"]): Path(i["path"])
+                      for i in json.loads(job["inputs"])["images"]}
             ds = build_draft_sr(images, draft, self.config.report, revision=study.revision,
                                 supersedes=Path(earlier["path"]) if earlier else None)
             path = self.config.reports_dir / study.study_key / f"{ds.SOPInstanceUID}.dcm"
             write_sr(ds, path)
-        except ReportError as exc:
+        except (ReportError, ValidationError) as exc:
+            if isinstance(exc, ValidationError):  # a job row this node wrote: never expected
+                exc = ReportError(f"the stored draft is unreadable: {contract_problem(exc, 'result')}")
             if self.store.move(study, StudyState.FAILED, f"report not built: {exc}"):
                 log.warning("study.state", study=study.study_key, state="failed", reason=str(exc))
                 audit.study_state(study, StudyState.FAILED, f"report not built: {exc}")

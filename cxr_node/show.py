@@ -14,6 +14,7 @@ occurs and listed under "Problems" at the end.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,18 @@ def render_sr(ds: Dataset, phi: bool = False) -> str:
     renderer.content(ds)
     if renderer.problems:
         renderer.lines += ["", "Problems:", *(f"  - {p}" for p in renderer.problems)]
-    return "\n".join(renderer.lines) + "\n"
+    return "\n".join(map(printable, renderer.lines)) + "\n"
+
+
+# C0 and C1 controls (escape sequences can rewrite a terminal: hide lines, retitle the window, fake
+# prompts) and the bidirectional overrides that make text read differently from its bytes.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: every control character shown as an escape."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                            else f"\\u{ord(m.group()):04x}", text)
 
 
 class _Renderer:

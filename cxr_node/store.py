@@ -8,11 +8,20 @@ WAL plus a busy timeout serialises their short write transactions.
 Study states::
 
     receiving -> stable -> queued -> drafting -> drafted -> reported -> sent
-                  \\-> skipped (routing rules)        failed (with a reason) from any working state
+         \\-> skipped (routing rules)      failed (with a reason) from any working state
+
+Every state change goes through one method, ``Store._change``, which knows the allowed edges
+(``EDGES``) and refuses any other with a StateError naming the study and the edge: a stage with a
+bug cannot move a study somewhere the pipeline never goes (a draft straight to ``sent``, a sent
+study back to ``drafting``). Besides the forward path: a draft that failed or was lost goes back
+from ``drafting`` to ``queued`` (queue.py); a failed or skipped study is drafted again from
+``stable`` (`cxr-node redraft`); a study failed by dispatch returns to ``reported``
+(`cxr-node requeue`); a study whose new instance changes nothing the model reads goes from
+``stable`` straight back to where its earlier draft had got (``reported`` or ``sent``).
 
 A new instance for a study that is past ``receiving`` starts a new *revision*: the study goes back
-to ``receiving``, work in flight for the old revision is discarded when it returns, and the new
-draft supersedes the earlier one (see assemble.py).
+to ``receiving`` from any state, work in flight for the old revision is discarded when it
+returns, and the new draft supersedes the earlier one (see assemble.py).
 """
 
 from __future__ import annotations
@@ -41,6 +50,25 @@ class StudyState(StrEnum):
     SENT = "sent"
     SKIPPED = "skipped"
     FAILED = "failed"
+
+
+_S = StudyState
+EDGES: dict[StudyState, frozenset[StudyState]] = {
+    _S.RECEIVING: frozenset({_S.STABLE, _S.SKIPPED}),
+    _S.STABLE: frozenset({_S.QUEUED, _S.FAILED, _S.REPORTED, _S.SENT}),
+    _S.QUEUED: frozenset({_S.DRAFTING, _S.DRAFTED, _S.FAILED}),
+    _S.DRAFTING: frozenset({_S.DRAFTED, _S.FAILED, _S.QUEUED}),
+    _S.DRAFTED: frozenset({_S.REPORTED, _S.FAILED}),
+    _S.REPORTED: frozenset({_S.SENT, _S.FAILED}),
+    _S.SENT: frozenset(),
+    _S.SKIPPED: frozenset({_S.STABLE}),
+    _S.FAILED: frozenset({_S.STABLE, _S.REPORTED}),
+}
+"""The edges a study may take within one revision; a new revision reopens it from any state."""
+
+
+class StateError(RuntimeError):
+    """A state change the study state machine does not have: a bug in the caller, not bad data."""
 
 
 SCHEMA = """
@@ -169,6 +197,12 @@ class Study:
 Stored = Literal["stored", "duplicate", "conflict"]
 
 
+def instance_handle(instance_id: int, view: str) -> str:
+    """How reasons and log lines name a stored image: its row id and view, never a UID or a file
+    name (spool file names can hold a SOP Instance UID)."""
+    return f"instance {instance_id} ({view})"
+
+
 @dataclass(frozen=True)
 class Recorded:
     """What indexing an instance did: its outcome, and the study if it started a new revision."""
@@ -280,15 +314,9 @@ class Store:
                 "UPDATE studies SET last_received_at = ? WHERE study_uid = ?", (now, study_uid)
             )
             return None
-        revision = row["revision"] + 1
         reason = f"new instance arrived while {row['state']}; drafting again with all images"
-        db.execute(
-            """UPDATE studies SET state = 'receiving', revision = ?, reason = ?,
-               revision_started_at = ?, last_received_at = ?, state_changed_at = ?
-               WHERE study_uid = ?""",
-            (revision, reason, now, now, now, study_uid),
-        )
-        self._log_transition(db, study_uid, revision, StudyState.RECEIVING, reason, now)
+        self._change(db, study_uid, StudyState(row["state"]), row["revision"],
+                     StudyState.RECEIVING, reason, now, reopen=True)
         return _study(db.execute("SELECT * FROM studies WHERE study_uid = ?",
                                  (study_uid,)).fetchone())
 
@@ -302,16 +330,47 @@ class Store:
         reason: str | None = None,
         now: float | None = None,
     ) -> bool:
-        """Move ``study`` on if it is still in the state and revision the caller saw."""
+        """Move ``study`` on if it is still in the state and revision the caller saw.
+
+        Returns False when the study has moved meanwhile (another stage, a new revision); raises
+        StateError when ``to`` is not a state the study may go to from the one the caller saw.
+        """
         now = time.time() if now is None else now
-        cur = db.execute(
-            """UPDATE studies SET state = ?, reason = ?, state_changed_at = ?
-               WHERE study_uid = ? AND state = ? AND revision = ?""",
-            (to, reason, now, study.study_uid, study.state, study.revision),
-        )
+        return self._change(db, study.study_uid, study.state, study.revision, to, reason, now)
+
+    def _change(
+        self, db: sqlite3.Connection, study_uid: str, seen: StudyState, revision: int,
+        to: StudyState, reason: str | None, now: float, *, reopen: bool = False,
+    ) -> bool:
+        """The one place a study's state is written: the edge checked, then compare-and-set on
+        (state, revision), then the step recorded in ``transitions``, in the caller's transaction.
+
+        ``reopen`` is the new-revision edge: back to ``receiving`` from any other state.
+        """
+        allowed = ({StudyState.RECEIVING} - {seen}) if reopen else EDGES[seen]
+        if to not in allowed:
+            raise StateError(
+                f"study {study_key(study_uid)}: {seen.value} -> {StudyState(to).value} is not a "
+                f"state change the pipeline makes (from {seen.value}: "
+                f"{', '.join(sorted(s.value for s in allowed)) or 'none'})"
+            )
+        if reopen:
+            revision += 1
+            cur = db.execute(
+                """UPDATE studies SET state = ?, revision = ?, reason = ?,
+                   revision_started_at = ?, last_received_at = ?, state_changed_at = ?
+                   WHERE study_uid = ? AND state = ? AND revision = ?""",
+                (to, revision, reason, now, now, now, study_uid, seen, revision - 1),
+            )
+        else:
+            cur = db.execute(
+                """UPDATE studies SET state = ?, reason = ?, state_changed_at = ?
+                   WHERE study_uid = ? AND state = ? AND revision = ?""",
+                (to, reason, now, study_uid, seen, revision),
+            )
         if cur.rowcount != 1:
             return False
-        self._log_transition(db, study.study_uid, study.revision, to, reason, now)
+        self._log_transition(db, study_uid, revision, to, reason, now)
         return True
 
     @staticmethod

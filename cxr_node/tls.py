@@ -9,10 +9,13 @@ Policy, the same for both directions:
   ``ca_certificates`` or the handshake fails (CERT_REQUIRED); with ``ca_certificates`` alone a
   presented certificate must chain, none is accepted; without it, TLS only encrypts and the
   accept rules (AE title + network) are the access control.
-- Sender: the PACS's certificate must chain to ``ca_certificates``, which is required: the system
-  trust store would let any holder of a public certificate pose as the PACS. Host names are *not*
-  checked: PACS are addressed by IP and their certificates rarely name it; the private CA is what
-  identifies them, so give the sender a bundle with only the CAs that issue PACS certificates.
+- Sender: the PACS's certificate must chain to ``ca_certificates``, which is required (the system
+  trust store would let any holder of a public certificate pose as the PACS), *and* be the PACS's:
+  its subjectAltName must carry ``server_name`` (default: the destination's host, DNS name or IP
+  address), or, for a PACS whose certificate names neither, its SHA-256 fingerprint must be one of
+  ``pinned_sha256``. A CA alone is not an identity: hospital CAs issue certificates to modalities
+  too, and any of them would otherwise pass as the PACS. Give the sender a bundle with only the
+  CAs that issue PACS certificates as well.
 - The private key is read from systemd's credential directory when the unit loads it
   (``LoadCredential=NAME:/etc/cxr-node/tls/node.key`` with ``private_key_credential: NAME``), so
   the key file itself can stay readable by root only; otherwise from ``private_key``.
@@ -22,11 +25,18 @@ Every problem with the files is a ConfigError naming the file and what is wrong,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 from pathlib import Path
 
-from cxr_node.config import Config, ConfigError, DicomDestination, TLSConfig
+from cxr_node.config import (
+    Config,
+    ConfigError,
+    DestinationTLSConfig,
+    DicomDestination,
+    TLSConfig,
+)
 
 # BCP 195 / RFC 9325 section 4.2, in OpenSSL's notation: ECDHE or DHE key exchange, AES-GCM or
 # ChaCha20-Poly1305; never RSA key exchange, CBC, SHA-1 MACs or anonymous suites.
@@ -117,8 +127,44 @@ def server_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def client_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
-    """The context for sending to a destination: the PACS certificate must chain to our CAs."""
+class PeerCheckingContext(ssl.SSLContext):
+    """A client context for one connection that also checks a pinned certificate, and keeps the
+    peer's certificate or the reason it was refused, for the delivery's reason and for
+    ``config check --connect``."""
+
+    pinned_sha256: frozenset[str] = frozenset()
+    failure: str | None = None
+    peer_certificate: dict[str, object] | None = None
+
+
+class _VerifiedSocket(ssl.SSLSocket):
+    """Checks the pin right after the handshake, before a single DICOM byte is sent."""
+
+    def connect(self, address: object) -> None:  # type: ignore[override]
+        context = self.context
+        assert isinstance(context, PeerCheckingContext)
+        try:
+            super().connect(address)
+            certificate = self.getpeercert(binary_form=True) or b""
+            fingerprint = hashlib.sha256(certificate).hexdigest()
+            if context.pinned_sha256 and fingerprint not in context.pinned_sha256:
+                raise ssl.SSLCertVerificationError(
+                    f"certificate sha256 {fingerprint} is not one of tls.pinned_sha256")
+        except ssl.SSLCertVerificationError as exc:
+            context.failure = getattr(exc, "verify_message", None) or str(exc)
+            raise
+        except ssl.SSLError as exc:
+            context.failure = exc.reason or str(exc)
+            raise
+        context.peer_certificate = self.getpeercert()
+
+
+def client_context(tls: DestinationTLSConfig | None) -> PeerCheckingContext | None:
+    """A context for one connection to a destination: the PACS certificate must chain to our CAs
+    and carry the expected name, or match a pinned fingerprint (then the name is not checked).
+
+    Build one per connection: it records that connection's outcome.
+    """
     if tls is None:
         return None
     if tls.ca_certificates is None:
@@ -126,12 +172,20 @@ def client_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
             f"destination TLS with certificate {tls.certificate} has no ca_certificates: the "
             "PACS's certificate must chain to a CA bundle you name (the system store is not used)"
         ])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify_mode CERT_REQUIRED
-    ctx.check_hostname = False  # PACS are addressed by IP and identified by the private CA
+    ctx = PeerCheckingContext(ssl.PROTOCOL_TLS_CLIENT)  # verify_mode CERT_REQUIRED
+    ctx.sslsocket_class = _VerifiedSocket
+    ctx.pinned_sha256 = frozenset(tls.pinned_sha256)
+    ctx.check_hostname = not tls.pinned_sha256
     _restrict(ctx, tls)
     _load_cas(ctx, tls.ca_certificates)
     _load_identity(ctx, tls)
     return ctx
+
+
+def expected_name(destination: DicomDestination) -> str:
+    """The name (or IP address) the destination's certificate must carry."""
+    tls = destination.tls
+    return (tls.server_name if tls and tls.server_name else destination.host)
 
 
 def complete_handshake(sock: ssl.SSLSocket, timeout: float) -> str | None:

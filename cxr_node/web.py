@@ -13,6 +13,7 @@ socket, and the local worker (if this node runs one) is alive.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -154,12 +155,13 @@ class HealthChecks:
             return "embedded queue folder writable"
         import redis
 
-        from workers.app import redis_url
+        from workers.app import redis_tls, redis_url
 
         where = urlsplit(self.config.queue.broker).netloc
         timeout = CHECK_TIMEOUT_SECONDS * 0.75
         client = redis.Redis.from_url(redis_url(self.config), socket_timeout=timeout,
-                                      socket_connect_timeout=timeout)
+                                      socket_connect_timeout=timeout,
+                                      **(redis_tls(self.config) or {}))
         try:
             client.ping()
         except redis.RedisError as exc:
@@ -335,6 +337,29 @@ class StatusServer(ThreadingHTTPServer):
         return 200, "application/json", _json(status_snapshot(self.config, self.store,
                                                               self.health.run()))
 
+    def allows_host(self, header: str | None) -> bool:
+        """Whether a request's Host names this endpoint: its address, localhost on loopback, or
+        a name in ``http.allowed_hosts``. A request without Host (HTTP/1.0 tools) is no browser."""
+        if header is None:
+            return True
+        host = header.strip().lower()
+        if host.startswith("["):  # [v6 address]:port
+            host, _, rest = host[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if port and port != str(self.port):
+            return False
+        own = self.config.http.host.lower()
+        names = {own, *self.config.http.allowed_hosts}
+        try:
+            loopback = ipaddress.ip_address(own).is_loopback
+        except ValueError:
+            loopback = own == "localhost"
+        if loopback:
+            names |= {"localhost", "127.0.0.1", "::1"}
+        return host in names
+
     def route(self, path: str) -> tuple[int, str, bytes]:
         routes = {"/metrics": self.metrics, "/healthz": self.healthz,
                   "/api/status": self.api_status}
@@ -353,13 +378,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = urlsplit(self.path).path
-        try:
-            status, kind, body = self.server.route(path)
-        except Exception:
-            log.exception("http.error", path=path)
-            status, kind, body = 500, "text/plain; charset=utf-8", b"internal error\n"
-        finally:
-            self.server.store.close()  # this request thread's connection
+        if not self.server.allows_host(self.headers.get("Host")):
+            # DNS rebinding: a web page whose name resolves to this machine must not read it
+            status, kind, body = 421, "text/plain; charset=utf-8", b"unknown host name\n"
+        else:
+            try:
+                status, kind, body = self.server.route(path)
+            except Exception:
+                log.exception("http.error", path=path[:200])
+                status, kind, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+            finally:
+                self.server.store.close()  # this request thread's connection
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))

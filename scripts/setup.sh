@@ -27,7 +27,26 @@ fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# The CPU build of torch; an unpinned torch would pull several GB of CUDA libraries.
-.venv/bin/python -m pip install -q torch==2.13.0
+# torch first and pinned, so that no dependency pulls in another build. Which build pip takes
+# depends on where it looks: PyPI's torch 2.13.0 for Linux x86_64 is a CUDA build (several GB of
+# CUDA libraries); a machine whose pip finds a 2.13.0+cpu wheel in its find-links takes that one.
+# For the CPU build anywhere, set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+TORCH="torch==2.13.0"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    .venv/bin/python -m pip install -q --index-url "$TORCH_INDEX_URL" "$TORCH"
+else
+    .venv/bin/python -m pip install -q "$TORCH"
+fi
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# Real radiology reports for the tests: the Indiana University chest X-ray reports (Open-i,
+# CC BY-NC-ND 4.0, so not kept in this repository) as published inside the torchxrayvision wheel.
+# The wheel is only downloaded, hash-checked, never installed; the tests read the archive from it.
+TEST_DATA=.venv/share/cxr-node-test-data
+mkdir -p "$TEST_DATA"
+.venv/bin/python -m pip download -q --no-deps --require-hashes -d "$TEST_DATA" -r <(echo \
+    "torchxrayvision==1.5.7 --hash=sha256:95f6c3475661f3515d4258deb0855bd5d1b1a56e0b65384251d3dd3fa61fac41")
+
+.venv/bin/python -c 'import torch; print("torch", torch.__version__,
+    "(CUDA " + torch.version.cuda + ")" if torch.version.cuda else "(CPU only)")'
 echo "cxr-node installed in .venv"

@@ -1,55 +1,68 @@
-"""Shared fixtures: where the real sample data lives, and the peers the tests talk to."""
+"""Shared fixtures: the sample data (all from this repository or pinned packages) and the peers
+the tests talk to."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import time
+import hashlib
+import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodeproc import REDIS_PASSWORD
+from redisserver import RedisServer
+from samples import NIH_IMAGES, build_samples
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CXR_NODE_SHARED_DATA", REPO.parent / "shared" / "data"))
-CXR_DIR = SHARED_DATA / "dicom-cxr"
+from workers.demo import build_demo_model
+
+# Real radiology report text: the Indiana University chest X-ray reports (Open-i), CC BY-NC-ND 4.0,
+# so never kept in this repository. The torchxrayvision wheel carries the published archive
+# unchanged; scripts/setup.sh downloads that wheel (hash-checked) and the tests read it from there.
+REPORTS_WHEEL = (Path(sys.prefix) / "share" / "cxr-node-test-data"
+                 / "torchxrayvision-1.5.7-py3-none-any.whl")
+REPORTS_MEMBER = "torchxrayvision/data/NLMCXR_reports.tgz"
+REPORTS_SHA256 = "8fb6de7eec73d8c3665067ad4bb003ccd57f971ae316d2642e1627ac7268667a"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"sample data not found at {SHARED_DATA}; set CXR_NODE_SHARED_DATA")
-    return SHARED_DATA
+def cxr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real CR/DX files in every transfer syntax the tests need (tests/samples.py says which)."""
+    return build_samples(tmp_path_factory.mktemp("samples"))
 
 
 @pytest.fixture(scope="session")
-def cxr_dir(shared_data: Path) -> Path:
-    return shared_data / "dicom-cxr"
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight demo model, built once (as `cxr-node model demo` builds it); tests
+    only read it."""
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def nih_images() -> Path:
+    """Four NIH ChestX-ray14 PNGs kept in tests/data (see its README for the citation)."""
+    return NIH_IMAGES
+
+
+@pytest.fixture(scope="session")
+def iu_reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NLMCXR_reports.tgz, unmodified, taken out of the wheel that scripts/setup.sh downloads."""
+    if not REPORTS_WHEEL.is_file():
+        pytest.fail(f"{REPORTS_WHEEL} is missing: scripts/setup.sh downloads it (the Indiana "
+                    "University reports are not kept in the repository: CC BY-NC-ND)")
+    with zipfile.ZipFile(REPORTS_WHEEL) as wheel:
+        data = wheel.read(REPORTS_MEMBER)
+    assert hashlib.sha256(data).hexdigest() == REPORTS_SHA256, f"{REPORTS_MEMBER} changed"
+    path = tmp_path_factory.mktemp("iu-reports") / "NLMCXR_reports.tgz"
+    path.write_bytes(data)
+    return path
 
 
 @pytest.fixture
 def redis_port(tmp_path: Path) -> Iterator[int]:
-    """A private redis-server on 127.0.0.1 with a password, no persistence; stopped afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--requirepass", REDIS_PASSWORD, "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )
+    """A private redis-server on 127.0.0.1 with the node's and the workers' ACL users
+    (tests/redisserver.py), no persistence; stopped afterwards."""
+    server = RedisServer(tmp_path)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield port
+        yield server.port
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.close()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     CLIPVisionConfig,
@@ -307,8 +307,8 @@ def build_adapter(model_dir: Path, target: Path, seed: int = 1) -> Path:
     return Path(target)
 
 
-def xray_image(shared_data: Path, name: str, view: str, image_size: int = 896) -> dict[str, object]:
+def xray_image(images: Path, name: str, view: str, image_size: int = 896) -> dict[str, object]:
     """A real NIH ChestX-ray14 image as the node sends it: 8-bit grayscale PNG, longest side capped."""
-    with Image.open(shared_data / "nih-cxr14-sample" / "images" / name) as image:
+    with Image.open(images / name) as image:
         pixels = np.asarray(image.convert("L"))
     return encode_image(pixels, view, image_size).to_dict()

@@ -19,7 +19,6 @@ import pydicom
 import yaml
 
 STORESCU = "/usr/bin/storescu"
-REDIS_PASSWORD = "s3cret:/@x"  # characters that must be escaped in a URL
 # The demo model on the CPU, quick; its random weights repeat words unless told not to.
 DEMO_MODEL = {"device": "cpu", "quantization": "none", "image_size": 256,
               "generation": {"max_new_tokens": 24, "no_repeat_ngram_size": 1}}
@@ -119,6 +118,19 @@ class NodeProcess:
                     pass
         return [e for e in out if e.get("event") == name]
 
+    def receiver_pids(self) -> set[int]:
+        """The node's receiver processes (multiprocessing spawn children), from /proc."""
+        pids = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if self.proc and parent == self.proc.pid and b"spawn_main" in cmdline:
+                pids.add(int(stat.parent.name))
+        return pids
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -143,6 +155,14 @@ class NodeProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self.kill()
+
+
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from /proc (VmRSS: resident now; VmHWM: the most it ever was)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def in_netns(netns: str | None, argv: list[str]) -> list[str]:

@@ -97,7 +97,8 @@ class Orthanc:
     DICOM_PORT = 4242  # the namespace is private, so the usual ports never collide
     HTTP_PORT = 8042
 
-    def __init__(self, workdir: Path, ns: NetworkNamespace, check_called_aet: bool = True):
+    def __init__(self, workdir: Path, ns: NetworkNamespace, check_called_aet: bool = True,
+                 **options: object):
         self.workdir = workdir
         self.ns = ns
         self.proc: subprocess.Popen[bytes] | None = None
@@ -126,6 +127,7 @@ class Orthanc:
             "DicomScpTimeout": 30,
             "SaveJobs": False,
             "StableAge": 60,
+            **options,  # any other Orthanc setting, e.g. Jpeg2000TransferSyntaxAccepted=False
         }, indent=2))
 
     @property
@@ -236,11 +238,12 @@ class Orthanc:
 
 
 @contextmanager
-def running_orthanc(workdir: Path, check_called_aet: bool = True) -> Iterator[Orthanc]:
+def running_orthanc(workdir: Path, check_called_aet: bool = True,
+                    **options: object) -> Iterator[Orthanc]:
     """A started Orthanc in a namespace of its own; both are gone after the block."""
     workdir.mkdir(parents=True, exist_ok=True)
     with NetworkNamespace() as ns:
-        pacs = Orthanc(workdir, ns, check_called_aet=check_called_aet)
+        pacs = Orthanc(workdir, ns, check_called_aet=check_called_aet, **options)
         try:
             yield pacs.start()
         finally:

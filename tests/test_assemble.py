@@ -122,9 +122,11 @@ def test_identical_resend_changes_nothing_but_new_content_is_kept_and_flagged(st
 @pytest.mark.parametrize("later", [StudyState.STABLE, StudyState.SKIPPED, StudyState.SENT])
 def test_late_instance_starts_a_new_revision(store: Store, clock: Clock, later: StudyState):
     receive(store, record("1.1"), now=clock.now)
-    study = store.study("1.2.3")
-    with store.transaction() as db:
-        store.transition(db, study, later)
+    path = {StudyState.STABLE: [StudyState.STABLE], StudyState.SKIPPED: [StudyState.SKIPPED],
+            StudyState.SENT: [StudyState.STABLE, StudyState.QUEUED, StudyState.DRAFTED,
+                              StudyState.REPORTED, StudyState.SENT]}[later]
+    for step in path:
+        assert store.move(store.study("1.2.3"), step)
     clock.now += 100
     reopened = receive(store, record("1.2", view="LATERAL"), now=clock.now).reopened
     study = store.study("1.2.3")
@@ -134,9 +136,9 @@ def test_late_instance_starts_a_new_revision(store: Store, clock: Clock, later: 
     assert study.revision_started_at == clock.now
     # a stale stage still holding revision 1 cannot move the study
     stale = replace(study, revision=1)
-    assert not store.move(stale, StudyState.DRAFTED)
+    assert not store.move(stale, StudyState.STABLE)
     history = [(r["revision"], r["state"]) for r in store.history("1.2.3")]
-    assert history == [(1, "receiving"), (1, later.value), (2, "receiving")]
+    assert history == [(1, "receiving"), *((1, s.value) for s in path), (2, "receiving")]
 
 
 def test_timers_survive_a_restart(tmp_path: Path, clock: Clock):
@@ -170,6 +172,7 @@ def test_redraft_command_reopens_only_failed_or_skipped_studies(tmp_path: Path):
                                store.study("1.2.3").study_key], capture_output=True, text=True)
 
     assert run().returncode == 1  # still receiving
+    assert store.move(store.study("1.2.3"), StudyState.STABLE, "settled")
     assert store.move(store.study("1.2.3"), StudyState.FAILED, "degenerate output")
     done = run()
     assert done.returncode == 0, done.stderr

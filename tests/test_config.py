@@ -56,8 +56,9 @@ def test_a_secret_in_yaml_is_refused_and_never_echoed(tmp_path: Path):
 def test_cross_field_rules(tmp_path: Path):
     for text, expected in [
         ("study: {settle_seconds: 60, max_wait_seconds: 30}", "max_wait_seconds must be at least"),
-        ("queue: {broker: 'redis://127.0.0.1/0', task_time_limit_seconds: 900,"
-         " visibility_timeout_seconds: 600}", "visibility_timeout_seconds must be longer"),
+        ("queue: {broker: 'redis://127.0.0.1/0', username: n, worker_username: w,"
+         " task_time_limit_seconds: 900, visibility_timeout_seconds: 600}",
+         "visibility_timeout_seconds must be longer"),
         ("destinations: [{name: a, folder: /x}, {name: a, folder: /y}]", "repeated: a"),
         ("destinations: [{name: a}]", "either ae_title, host and port"),
         ("node: {tls: {certificate: c.pem, private_key: k.pem, require_client_certificate: true}}",

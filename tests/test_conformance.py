@@ -18,14 +18,16 @@ from modelzoo import ARCHITECTURES, build_adapter, build_model, xray_image
 from peft import PeftModel
 
 from cxr_node.config import ModelConfig
+from cxr_node.identity import fingerprint
 from workers.model import ARCHITECTURES as SUPPORTED
-from workers.model import ReportModel, fingerprint, load_model
+from workers.model import ReportModel, load_model
+from workers.payload import DraftResult
 
 GENERATION = {"max_new_tokens": 12}  # greedy (the default): the same draft every run
 QUANTIZED = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 LANGUAGE_MODEL = ("model.language_model.", "model.text_model.")
 
-RESULT_KEYS = {"request_id", "ok", "findings", "impression", "reason", "text", "notes", "model", "timings"}
+RESULT_KEYS = set(DraftResult.model_fields)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -36,13 +38,13 @@ def zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def study(shared_data: Path) -> dict[str, Any]:
+def study(nih_images: Path) -> dict[str, Any]:
     """A two-image request (frontal first) from real NIH ChestX-ray14 images, with an indication."""
     return {
         "request_id": "j7-r1",
         "images": [
-            xray_image(shared_data, "00000129_000.png", "PA"),
-            xray_image(shared_data, "00000284_000.png", "LATERAL"),
+            xray_image(nih_images, "00000129_000.png", "PA"),
+            xray_image(nih_images, "00000284_000.png", "LATERAL"),
         ],
         "indication": "Fever and productive cough.",
     }
@@ -111,6 +113,7 @@ def test_draft_conforms(
     [result] = rm.draft([study])
 
     assert set(result) == RESULT_KEYS
+    assert DraftResult.model_validate(result)  # the contract the node reads
     assert result["request_id"] == "j7-r1"
     assert isinstance(result["text"], str) and isinstance(result["notes"], list)
     if result["ok"]:
@@ -138,15 +141,15 @@ def test_draft_conforms(
         assert identity["adapter"] is None and not isinstance(rm.model, PeftModel)
 
 
-def test_batch_of_three_equals_three_drafts_alone(zoo: tuple[str, Path, Path], shared_data: Path) -> None:
+def test_batch_of_three_equals_three_drafts_alone(zoo: tuple[str, Path, Path], nih_images: Path) -> None:
     """Left padding and per-request image lists are right for each processor."""
     _, model_dir, _ = zoo
     rm = load_model(ModelConfig(device="cpu", quantization="none", generation=GENERATION), model_dir)
     requests = [
-        {"request_id": f"r{i}", "images": [xray_image(shared_data, name, "PA")], "indication": None}
+        {"request_id": f"r{i}", "images": [xray_image(nih_images, name, "PA")], "indication": None}
         for i, name in enumerate(["00000129_000.png", "00000284_000.png", "00000353_000.png"])
     ]
-    requests[1]["images"].append(xray_image(shared_data, "00000427_000.png", "LATERAL", image_size=512))
+    requests[1]["images"].append(xray_image(nih_images, "00000427_000.png", "LATERAL", image_size=512))
     batched = rm.draft(requests)
     assert [r["request_id"] for r in batched] == ["r0", "r1", "r2"]
     assert [r["text"] for r in batched] == [rm.draft([r])[0]["text"] for r in requests]

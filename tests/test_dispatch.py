@@ -92,7 +92,7 @@ def make_sr(directory: Path, image: Path, tag: str, findings: str | None = None,
         model={"fingerprint": hashlib.sha256(tag.encode()).hexdigest()}, impression=impression,
         **({"findings": findings} if findings is not None else {}),
     )
-    report = DraftReport.from_result(result)
+    report = DraftReport.from_result(result, max_characters=100_000)  # the longest allowed
     ds = build_draft_sr([image], report, SETTINGS)
     path = directory / f"{tag}.dcm"
     write_sr(ds, path)
@@ -113,7 +113,9 @@ def file_report(store: Store, config: Config, draft: Draft, now: float) -> None:
         calling_ae="MODALITY1", peer="127.0.0.1",
     ), same_content=lambda _: False, now=now)
     with store.transaction() as db:
-        assert store.transition(db, store.study(draft.study_uid), StudyState.REPORTED, now=now)
+        for state in (StudyState.STABLE, StudyState.QUEUED, StudyState.DRAFTED,
+                      StudyState.REPORTED):  # the path the pipeline takes (store.EDGES)
+            assert store.transition(db, store.study(draft.study_uid), state, now=now)
         db.execute(
             """INSERT INTO reports (sr_uid, study_uid, revision, job_id, path, supersedes, demo,
                created_at) VALUES (?, ?, 1, 1, ?, NULL, 0, ?)""",
@@ -512,11 +514,13 @@ def test_no_accepted_presentation_context_is_a_dead_letter(
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A throw-away certificate and key (its own CA), made with the openssl command."""
+    """A throw-away certificate and key (its own CA) for a peer on 127.0.0.1, made with the
+    openssl command."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     done = subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "1", "-subj", f"/CN={name}", "-keyout", key, "-out", cert],
+         "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, f"openssl could not make a test certificate:\n{done.stderr}"

@@ -46,15 +46,15 @@ from cxr_node.imaging import (
 
 MAX_SIDE = 512
 
-# Stored (rows, columns) of the sample files, from the data set's MANIFEST.csv.
+# Stored (rows, columns) of the sample files (tests/samples.py says what each is).
 CHEST_PA = {
-    "CR-MONO1-10-chest.dcm": (440, 440),  # no File Meta header, implicit VR LE, MONOCHROME1
+    "CR-MONO1-10-chest.dcm": (440, 414),  # no File Meta header, implicit VR LE, MONOCHROME1
     "RG1_J2KI.dcm": (1955, 1841),  # JPEG 2000 lossy, MONOCHROME1
     "RG1_JLSN.dcm": (1955, 1841),  # JPEG-LS near-lossless, MONOCHROME1
-    "966_fixed.dcm": (2128, 2000),  # JPEG 2000 lossless, MONOCHROME1 + Presentation LUT INVERSE
+    "RG1_DX_J2KR.dcm": (1955, 1841),  # JPEG 2000 lossless, MONOCHROME1 + Presentation LUT INVERSE
 }
 OTHER_DECODABLE = {
-    "RG2_JPLL.dcm": (2140, 1760),  # hip, JPEG lossless SV1, MONOCHROME2
+    "RG3_MONO2_JPLL.dcm": (1760, 1760),  # lower leg, JPEG lossless SV1, MONOCHROME2
     "RG3_J2KR.dcm": (1760, 1760),  # tibia, JPEG 2000 lossless, MONOCHROME1
     # a dog's lateral thorax, explicit VR LE, MONOCHROME1 + Presentation LUT INVERSE
     "highdicom_dx_image.dcm": (169, 211),
@@ -62,7 +62,7 @@ OTHER_DECODABLE = {
 DECODABLE = CHEST_PA | OTHER_DECODABLE
 SMALL_CHEST = "CR-MONO1-10-chest.dcm"
 DOG_LATERAL = "highdicom_dx_image.dcm"
-BROKEN = "966_broken_COM_marker.dcm"
+BROKEN = "RG1_DX_J2KR_broken.dcm"
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,7 @@ def test_bone_is_white_mediastinum_brighter_than_both_lungs(
 ) -> None:
     """On a PA chest the spine/mediastinum strip is denser than the lung fields either side.
 
-    Medians over vertical strips of the upper-middle chest: robust to ribs, nodules and the
-    left-side opacification in 966 (where the margin is smallest, about 19 grey levels).
+    Medians over vertical strips of the upper-middle chest: robust to ribs and nodules.
     """
     pixels = prepared[name]
     rows, columns = pixels.shape
@@ -403,11 +402,11 @@ def test_monochrome2_with_presentation_lut_inverse_is_inverted(tmp_path: Path) -
 
 
 REAL_VIEWS = {
-    "966_fixed.dcm": View.PA,
+    "RG1_DX_J2KR.dcm": View.PA,
     "CR-MONO1-10-chest.dcm": View.PA,
     "RG1_J2KI.dcm": View.PA,
     "RG3_J2KR.dcm": View.AP,
-    "RG2_JPLL.dcm": View.UNKNOWN,  # View Position blank
+    "RG3_MONO2_JPLL.dcm": View.UNKNOWN,  # View Position blank
     "highdicom_dx_image.dcm": View.UNKNOWN,  # a lateral, but the header does not say so
 }
 
@@ -634,6 +633,8 @@ def test_constructors_reject_bad_input(cxr_dir: Path) -> None:
         Candidate("1.2.3", cxr_dir / SMALL_CHEST, "PA")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="instance_number"):
         Candidate("1.2.3", cxr_dir / SMALL_CHEST, View.PA, "3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="instance_id"):
+        Candidate("1.2.3", cxr_dir / SMALL_CHEST, View.PA, 3, 0)
     with pytest.raises(ValueError, match="2-D uint8"):
         ModelImage("1.2.3", View.PA, np.zeros((2, 2, 3), dtype=np.uint8))
     chest = cxr_dir / SMALL_CHEST

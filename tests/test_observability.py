@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -19,7 +18,6 @@ import pytest
 import redis
 from dicomgen import make_cxr, write_study
 from nodeproc import (
-    REDIS_PASSWORD,
     NodeProcess,
     free_port,
     run_storescu,
@@ -31,15 +29,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from redisserver import NODE_PASSWORD, REDIS_ENV, redis_queue
 
 import cxr_node
 from cxr_node import audit
 from cxr_node.audit import AuditTrail, read_trail, study_history
-from cxr_node.config import BROKER_PASSWORD_ENV
 from cxr_node.logs import study_key
 from cxr_node.store import Study, StudyState
 from cxr_node.web import CHECK_TIMEOUT_SECONDS
-from workers.demo import build_demo_model
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -75,20 +72,6 @@ def http_config(tmp_path: Path, **sections: object) -> Path:
 
 def http_port(node: NodeProcess) -> int:
     return int(node.config["http"]["port"])
-
-
-def receiver_pids(node: NodeProcess) -> set[int]:
-    """The node's receiver processes (multiprocessing spawn children), from /proc."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == node.proc.pid and b"spawn_main" in cmdline:
-            pids.add(int(stat.parent.name))
-    return pids
 
 
 def counting_pids(node: NodeProcess) -> set[int]:
@@ -226,15 +209,24 @@ def test_audit_command_prints_one_study_oldest_first(tmp_path: Path, capsys: pyt
     trail.append("study.sent", {**study, "revision": 1}, at=1_700_000_020)
     trail.close()
 
+    trail = AuditTrail(tmp_path / "state" / "audit.jsonl")
+    trail.append("instance.stored", {**study, "sop_instance_uid": "1.2.3.9"}, at=1_700_000_030)
+    trail.close()
+
     assert main(["audit", "--config", str(config), "--study", "k1"]) == 0
+    out = capsys.readouterr().out
+    assert "1.2.3" not in out  # UIDs only on request
+    assert main(["audit", "--config", str(config), "--study", "k1", "--phi"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("study k1  1.2.3  (3 events")
+    assert out[0].startswith("study k1  1.2.3  (4 events")
+    assert "sop_instance_uid=1.2.3.9" in out[-1]
     events = [line.split()[2] for line in out[3:]]
-    assert events == ["instance.stored", "study.stable", "study.sent"]
+    assert events == ["instance.stored", "study.stable", "study.sent", "instance.stored"]
     assert "reason=quiet" in out[4] and "revision=1" in out[4]
     assert main(["audit", "--config", str(config), "--study", "1.2.3",
                  "--since", "2023-11-14T22:13:31"]) == 0
-    assert [line.split()[2] for line in capsys.readouterr().out.splitlines()[3:]] == ["study.sent"]
+    assert [line.split()[2] for line in capsys.readouterr().out.splitlines()[3:]] == [
+        "study.sent", "instance.stored"]
     assert main(["audit", "--config", str(config), "--study", "nope"]) == 1
     assert "no audit record" in capsys.readouterr().err
 
@@ -252,7 +244,7 @@ def test_counters_add_up_across_receiver_processes(tmp_path: Path):
     with NodeProcess(config) as node:
         port = http_port(node)
         assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only
-        receivers = receiver_pids(node)
+        receivers = node.receiver_pids()
         assert len(receivers) == 2
         assert wait_for(lambda: healthz(port)[0] == 200, 10), healthz(port)
 
@@ -305,9 +297,12 @@ def test_counters_add_up_across_receiver_processes(tmp_path: Path):
 
         states = wait_for(gauges_match_db, 20)
         assert states and sum(states.values()) == len(sent), states
-        jobs = {r[0]: r[1] for r in node.db("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
-        gauges = scrape(port)
-        assert value(gauges, "cxr_node_queue_jobs", state="queued") == jobs.get("queued", 0) > 0
+        def queued_jobs() -> int:  # no worker runs: what the queue stage submitted stays queued
+            return node.db("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")[0][0]
+
+        queued = wait_for(queued_jobs, 20)
+        assert queued > 0
+        assert value(scrape(port), "cxr_node_queue_jobs", state="queued") == queued
 
         # a receiver killed: /healthz names it until its replacement listens, counts survive it
         victim = sorted(receivers)[0]
@@ -321,7 +316,7 @@ def test_counters_add_up_across_receiver_processes(tmp_path: Path):
         assert "cxr-receiver-" in unhealthy["checks"]["receivers"]["detail"]
         assert wait_for(lambda: healthz(port)[0] == 200, 30), healthz(port)
         assert value(scrape(port), received, outcome="stored") == len(sent)
-        assert victim not in receiver_pids(node)
+        assert victim not in node.receiver_pids()
 
     records = audit_records(node)
     events = [r["event"] for r in records]
@@ -355,15 +350,14 @@ def test_healthz_names_the_disk_below_its_threshold(tmp_path: Path, cxr_dir: Pat
 
 @pytest.mark.slow
 def test_healthz_names_the_broker_when_redis_stops(tmp_path: Path, redis_port: int):
-    env = {BROKER_PASSWORD_ENV: REDIS_PASSWORD}
-    config = http_config(tmp_path, queue={"broker": f"redis://127.0.0.1:{redis_port}/0",
-                                          "local_worker": False})
-    with NodeProcess(config, env=env) as node:
+    config = http_config(tmp_path, queue=redis_queue(redis_port, local_worker=False))
+    with NodeProcess(config, env=REDIS_ENV) as node:
         port = http_port(node)
         status, body = healthz(port)
         assert status == 200, body
         assert "worker" not in body["checks"]  # workers run elsewhere with Redis
-        client = redis.Redis(host="127.0.0.1", port=redis_port, password=REDIS_PASSWORD)
+        client = redis.Redis(host="127.0.0.1", port=redis_port, username="admin",
+                             password="admin-secret")
         try:
             client.shutdown(nosave=True)
         except redis.ConnectionError:
@@ -373,12 +367,7 @@ def test_healthz_names_the_broker_when_redis_stops(tmp_path: Path, redis_port: i
         assert time.monotonic() - started < CHECK_TIMEOUT_SECONDS + 1
         assert status == 503 and body["failing"] == ["broker"], body
         assert f"127.0.0.1:{redis_port}" in body["checks"]["broker"]["detail"]
-        assert REDIS_PASSWORD not in json.dumps(body)
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+        assert NODE_PASSWORD not in json.dumps(body)
 
 
 @pytest.mark.slow
@@ -432,8 +421,8 @@ def test_a_drafted_study_leaves_its_whole_history(tmp_path: Path, demo_model: Pa
         assert identifier not in text
 
     done = subprocess.run([sys.executable, "-m", "cxr_node", "audit", "--config", str(config),
-                           "--study", mine[0]["study_key"]], capture_output=True, text=True,
-                          timeout=60)
+                           "--study", mine[0]["study_key"], "--phi"], capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert uid in lines[0]

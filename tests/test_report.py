@@ -18,6 +18,7 @@ import highdicom as hd
 import pydicom
 import pytest
 import structlog
+from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -31,6 +32,7 @@ from cxr_node.report import (
     ModelIdentity,
     ReportError,
     build_draft_sr,
+    sign_off_cue,
     write_sr,
 )
 from cxr_node.show import HIDDEN, render_sr
@@ -50,6 +52,7 @@ def worker_result(**changes: Any) -> dict[str, Any]:
         "ok": True,
         "findings": "The lungs are clear. No pleural effusion or pneumothorax.",
         "impression": "No acute cardiopulmonary abnormality.",
+        "reason": None,
         "text": "FINDINGS: The lungs are clear. IMPRESSION: No acute abnormality.",
         "notes": [],
         "model": {
@@ -367,26 +370,33 @@ def test_supersedes_must_be_an_earlier_draft_of_this_study(
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"ok": False}, r"result\.ok: the worker reported a failure"),
-        ({"ok": "yes"}, r"result\.ok: expected true or false, got str"),
-        ({"findings": None}, r"result\.findings: expected a string, got NoneType"),
+        ({"ok": False, "reason": "degenerate"}, r"result\.ok: the worker reported a failure"),
+        ({"ok": False}, r"result: expected a reason with ok: false"),
+        ({"reason": "why not"}, r"result: expected no reason with ok: true"),
+        ({"ok": "yes"}, r"result\.ok: expected a valid boolean"),
+        ({"findings": None}, r"result\.findings: expected a valid string"),
         ({"findings": " \n\t "}, r"findings: empty"),
         ({"findings": "ok\x00"}, r"findings: control character U\+0000 at position 2"),
         ({"impression": "a\x1b[1mb"}, r"impression: control character U\+001B at position 1"),
-        ({"findings": "lone \udc80 surrogate"}, r"findings: not encodable as UTF-8 at position 5"),
-        ({"request_id": ""}, r"result\.request_id: empty"),
-        ({"notes": ["fine", 3]}, r"result\.notes\[1\]: expected a string, got int"),
-        ({"model": {"fingerprint": "abc"}}, r"model\.fingerprint: expected a sha256 digest"),
-        ({"model": {"fingerprint": "AB" * 32}}, r"model\.fingerprint: expected a sha256 digest"),
-        ({"model": {"demo": 1}}, r"result\.model\.demo: expected true or false, got int"),
-        ({"model": {"adapter": 7}}, r"result\.model\.adapter: expected a string, got int"),
-        ({"model": {"name": "a\\b"}}, r"model\.name: not usable as a DICOM LO .*backslash"),
-        ({"model": {"version": "v" * 65}}, r"model\.version: .*65 characters, LO allows 64"),
-        ({"model": {"architecture": ""}}, r"model\.architecture: expected a non-empty string"),
-        ({"timings": {"batch_size": 0}}, r"result\.timings\.batch_size: out of range \(0\)"),
-        ({"timings": {"batch_size": True}}, r"timings\.batch_size: expected an integer, got bool"),
-        ({"timings": {"generate_seconds": "3"}}, r"timings\.generate_seconds: expected a number"),
-        ({"model": None}, r"result\.model: expected a mapping, got NoneType"),
+        ({"findings": "lone \udc80 surrogate"}, r"result\.findings: expected a valid string"),
+        ({"findings": "x" * 100_001}, r"result\.findings: string should have at most 100000"),
+        ({"request_id": ""}, r"result\.request_id: string should have at least 1 character"),
+        ({"notes": ["fine", 3]}, r"result\.notes\[1\]: expected a valid string"),
+        ({"notes": ["n"] * 65}, r"result\.notes: list should have at most 64 items"),
+        ({"model": {"fingerprint": "abc"}}, r"result\.model\.fingerprint: string should match"),
+        ({"model": {"fingerprint": "AB" * 32}}, r"result\.model\.fingerprint: string should match"),
+        ({"model": {"demo": 1}}, r"result\.model\.demo: expected a valid boolean"),
+        ({"model": {"adapter": 7}}, r"result\.model\.adapter: expected a valid string"),
+        ({"model": {"name": "a\\b"}}, r"result\.model\.name: expected a text without backslash"),
+        ({"model": {"version": "v" * 65}}, r"model\.version: expected at most 64 bytes in UTF-8"),
+        ({"model": {"name": "é" * 33}}, r"model\.name: expected at most 64 bytes in UTF-8"),
+        ({"model": {"architecture": " "}}, r"model\.architecture: expected a non-empty text"),
+        ({"model": {"serial": "x"}}, r"result\.model\.serial: extra inputs are not permitted"),
+        ({"signature": "Dr X"}, r"result\.signature: extra inputs are not permitted"),
+        ({"timings": {"batch_size": -1}}, r"timings\.batch_size: expected greater than or equal to 0"),
+        ({"timings": {"batch_size": True}}, r"timings\.batch_size: expected a valid integer"),
+        ({"timings": {"generate_seconds": "3"}}, r"timings\.generate_seconds: expected a valid number"),
+        ({"model": None}, r"result\.model: expected a valid dictionary"),
     ],
 )
 def test_malformed_results_are_refused_precisely(changes: dict[str, Any], message: str) -> None:
@@ -395,41 +405,112 @@ def test_malformed_results_are_refused_precisely(changes: dict[str, Any], messag
 
 
 def test_missing_fields_are_named() -> None:
-    for path in (("findings",), ("model", "fingerprint"), ("timings", "device")):
+    for path in (("findings",), ("reason",), ("model", "fingerprint"), ("timings", "device")):
         result = worker_result()
         container = result if len(path) == 1 else result[path[0]]
         del container[path[-1]]
         with pytest.raises(ReportError) as failure:
             DraftReport.from_result(result)
-        assert str(failure.value) == f"result.{'.'.join(path)}: missing"
-    with pytest.raises(ReportError, match="result: expected a mapping, got list"):
+        assert str(failure.value) == f"result.{'.'.join(path)}: field required"
+    with pytest.raises(ReportError, match="result: expected a valid dictionary"):
         DraftReport.from_result([])  # type: ignore[arg-type]
 
 
 def test_model_identity_validates_when_built_directly() -> None:
-    with pytest.raises(ReportError, match="model.fingerprint"):
-        ModelIdentity("m", "1", "llava", "nf4", None, "x", False)
+    model = worker_result()["model"]
+    with pytest.raises(ValidationError, match="fingerprint"):
+        ModelIdentity(**{**model, "fingerprint": "x"})
+    with pytest.raises(ReportError, match="model: expected a ModelIdentity"):
+        DraftReport("Lungs clear.", "Normal.", model)  # type: ignore[arg-type]
+
+
+# --- what a draft may say -------------------------------------------------------------------------
+
+
+def test_draft_text_is_bounded_by_the_configured_limit() -> None:
+    findings, impression = "Lungs clear. " * 50, "Normal chest."
+    total = len(findings.strip()) + len(impression)
+    assert draft(findings=findings, impression=impression).findings  # the default limit: 8000
+    result = worker_result(findings=findings, impression=impression)
+    assert DraftReport.from_result(result, max_characters=total).impression == impression
+    with pytest.raises(ReportError, match=rf"{total} characters, more than "
+                                          rf"limits\.max_draft_characters \({total - 1}\)"):
+        DraftReport.from_result(result, max_characters=total - 1)
+
+
+@pytest.mark.parametrize(
+    ("where", "text", "cue"),
+    [
+        ("findings", "Lungs clear.\nElectronically signed: Dr X", "a signature"),
+        ("findings", "Normal.\nDigitally signed by John Smith on 2024-01-01", "a signature"),
+        ("impression", "Normal chest. Signed: J. Smith", "a signature"),
+        ("impression", "No acute disease. /s/ Jane Doe", "a signature"),
+        ("impression", "FINAL REPORT. Normal chest.", "a final status"),
+        ("findings", "Report status: Final. Lungs clear.", "a final status"),
+        ("findings", "This report has been finalized.", "a final status"),
+        ("impression", "Normal. Verified by: Dr Who", "a verification"),
+        ("impression", "I have personally reviewed the images and agree.", "a verification"),
+        ("impression", "Normal. Dictated by Dr X, transcribed by Y", "a dictation"),
+        ("findings", "Attending radiologist: Dr X. Lungs clear.", "a reading physician"),
+        ("impression", "ADDENDUM: the nodule is stable.", "an addendum"),
+        ("findings", "CORRECTED REPORT: lungs clear.", "an amended report"),
+        ("impression", "Normal chest. John Smith, MD", "a physician's credentials"),
+        # hidden from a plain search: full-width letters, a zero-width space, a line break
+        ("impression", "ＦＩＮＡＬ ＲＥＰＯＲＴ", "a final status"),
+        ("impression", "Electronically\u200b signed", "a signature"),
+        ("impression", "electronically\nsigned", "a signature"),
+    ],
+)
+def test_wording_of_a_signature_or_final_status_is_refused(where: str, text: str, cue: str) -> None:
+    with pytest.raises(ReportError) as refused:
+        draft(**{where: text})
+    assert str(refused.value).startswith(f"{where} imitates {cue} (")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No final diagnosis can be made on this single view.",
+        "Finally, the cardiac silhouette is normal.",
+        "Final position of the catheter tip is in the SVC.",
+        "Signs of hyperinflation. No signal abnormality.",
+        "The patient was assigned to the upright position.",
+        "Attending physicians should correlate clinically.",  # no label, no colon
+        "Compared with the prior study reviewed today.",
+        "Status post median sternotomy. Status post CABG.",
+        "Findings discussed with Dr. ___ by ___ at 10:30.",
+        "MD-level follow-up is advised; dictation artifacts absent.",
+        "Verified tube position: tip 4 cm above the carina.",
+        "Mild cardiomegaly. Pulmonary vascular congestion, possibly early edema.",
+    ],
+)
+def test_real_report_prose_is_not_taken_for_a_sign_off(text: str) -> None:
+    assert sign_off_cue(text) is None
+    assert draft(findings=text).findings == text
 
 
 # --- source images that cannot be drafted -------------------------------------------------------
 
 
 def test_invalid_identifying_value_fails_with_a_reason_and_no_identifiers(cxr_dir: Path) -> None:
-    """966_fixed.dcm: AccessionNumber has 56 characters (SH allows 16) -> the draft fails."""
-    source = cxr_dir / "966_fixed.dcm"
+    """RG1_DX_J2KR.dcm: AccessionNumber has 56 characters (SH allows 16) -> the draft fails."""
+    source = cxr_dir / "RG1_DX_J2KR.dcm"
     header = pydicom.dcmread(source, stop_before_pixels=True)
     with pytest.raises(ReportError) as failure:
         build_draft_sr([source], draft(), SETTINGS)
     message = str(failure.value)
-    assert "966_fixed.dcm" in message
+    assert message.startswith("source image 1: AccessionNumber is not valid DICOM")
     assert "AccessionNumber is not valid DICOM (56 characters, SH allows 16)" in message
-    for identifier in (header.AccessionNumber, str(header.PatientName), header.PatientID):
+    for identifier in (header.AccessionNumber, str(header.PatientName), header.PatientID,
+                       header.SOPInstanceUID, "RG1_DX_J2KR"):
         assert identifier not in message
+    with pytest.raises(ReportError, match=r"^instance 7 \(PA\): AccessionNumber is not valid"):
+        build_draft_sr({"instance 7 (PA)": source}, draft(), SETTINGS)
 
 
 def test_invalid_optional_value_is_left_out_and_said(cxr_dir: Path, tmp_path: Path) -> None:
-    """966_fixed.dcm with a valid accession: the hashed birth date is dropped, never rewritten."""
-    source = header_copy(cxr_dir / "966_fixed.dcm", tmp_path / "966.dcm", AccessionNumber="A966")
+    """RG1_DX_J2KR.dcm with a valid accession: the hashed birth date is dropped, never rewritten."""
+    source = header_copy(cxr_dir / "RG1_DX_J2KR.dcm", tmp_path / "dx.dcm", AccessionNumber="A966")
     hashed_birth_date = pydicom.dcmread(source).PatientBirthDate
     report = draft()
     path = tmp_path / "draft.dcm"
@@ -444,7 +525,8 @@ def test_invalid_optional_value_is_left_out_and_said(cxr_dir: Path, tmp_path: Pa
     assert said == ["Source value left out: PatientBirthDate (not a valid DA value)."]
     omitted = [e for e in logs if e["event"] == "report.source_value_omitted"]
     assert [e["attribute"] for e in omitted] == ["PatientBirthDate"]
-    assert hashed_birth_date not in str(logs)
+    assert [e["source"] for e in omitted] == ["source image 1"]  # a handle, not the file name
+    assert hashed_birth_date not in str(logs) and source.name not in str(logs)
 
 
 def test_images_of_different_studies_or_patients_are_refused(
@@ -464,13 +546,17 @@ def test_images_of_different_studies_or_patients_are_refused(
         build_draft_sr([], draft(), SETTINGS)
 
 
-def test_unreadable_source_is_named(cxr_dir: Path, tmp_path: Path) -> None:
-    junk = tmp_path / "junk.dcm"
+def test_unreadable_source_is_named_by_its_handle_not_its_file(tmp_path: Path) -> None:
+    """Spool file names can hold a SOP Instance UID: messages never repeat them."""
+    uid = "1.2.826.0.1.3680043.8.498.1234567890"
+    junk = tmp_path / f"{uid}.dcm"
     junk.write_bytes(b"not dicom at all")
-    with pytest.raises(ReportError, match=r"source image junk\.dcm: SOPClassUID is missing"):
+    with pytest.raises(ReportError, match=r"^source image 1: SOPClassUID is missing"):
         build_draft_sr([junk], draft(), SETTINGS)
-    with pytest.raises(ReportError, match=r"source image gone\.dcm: cannot be read"):
-        build_draft_sr([tmp_path / "gone.dcm"], draft(), SETTINGS)
+    gone = tmp_path / f"{uid}.9.dcm"
+    with pytest.raises(ReportError) as failure:
+        build_draft_sr({"instance 3 (LATERAL)": gone}, draft(), SETTINGS)
+    assert str(failure.value) == "instance 3 (LATERAL): cannot be read (No such file or directory)"
 
 
 # --- writing ------------------------------------------------------------------------------------

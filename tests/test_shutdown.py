@@ -26,8 +26,6 @@ from nodeproc import (
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from workers.demo import build_demo_model
-
 pytestmark = pytest.mark.slow
 
 SUCCESS = "Success"
@@ -131,11 +129,6 @@ def test_an_association_longer_than_the_grace_is_aborted_and_the_node_still_exit
     assert any(e["how"] == "aborted" for e in node.events("association.ended"))
     with NodeProcess(config) as node:
         assert_whole(node, [image])
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
 
 
 def test_sigterm_while_the_local_worker_drafts_loses_nothing_and_leaves_no_process(

@@ -97,11 +97,11 @@ def test_status_page_shows_sent_studies_and_a_dead_letter(tmp_path: Path, cxr_di
     chests = [write_study(source, ["PA", "LL"], seed=i, rows=256, columns=256) for i in range(2)]
     folder = {"name": "folder", "folder": str(tmp_path / "sr-out")}
 
-    # first run: two chest studies drafted and sent, a hip study skipped by the routing rules
+    # first run: two chest studies drafted and sent, a leg study skipped by the routing rules
     with NodeProcess(node_config(tmp_path, demo_model, [folder])) as node:
         for files in chests:
             assert set(storescu(node.port, files).values()) == {"Success"}
-        assert set(storescu(node.port, [cxr_dir / "RG2_JPLL.dcm"]).values()) == {"Success"}
+        assert set(storescu(node.port, [cxr_dir / "RG3_MONO2_JPLL.dcm"]).values()) == {"Success"}
         assert wait_for(lambda: sorted(node.states()) == ["sent", "sent", "skipped"], 120), \
             node.log()[-3000:]
 

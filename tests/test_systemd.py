@@ -108,12 +108,25 @@ def test_units_match_the_production_configuration():
     config_arg = f"--config {DEFAULT_CONFIG_PATH}"
     assert node["Service.ExecStart"] == [f"{INSTALLED_BINARY} serve {config_arg}"]
     assert worker["Service.ExecStart"][0].startswith(f"{INSTALLED_BINARY} worker {config_arg} ")
+    assert node["Service.User"] == ["cxr-node"] and worker["Service.User"] == ["cxr-worker"]
+    assert node["Service.StateDirectory"] == [production.state_dir.name]
+    assert Path("/var/lib", node["Service.StateDirectory"][0]) == production.state_dir
+    # a worker runs as another user, cannot reach the node's state, and has its own Redis login
+    assert worker["Service.StateDirectory"] == ["cxr-worker"]
+    assert worker["Service.InaccessiblePaths"] == [f"-{production.state_dir}"]
+    assert node["Service.LoadCredential"][0] == (
+        "broker-password:/etc/cxr-node/credentials/broker-password")
+    assert worker["Service.LoadCredential"] == [
+        "worker-broker-password:/etc/cxr-node/credentials/worker-broker-password"]
+    assert production.queue.username and production.queue.worker_username
+    # the model is outside both state directories, readable by both users
+    assert production.model.path is not None
+    assert production.state_dir not in production.model.path.parents
+    assert worker["Service.IPAddressDeny"] == ["any"] and worker["Service.IPAddressAllow"]
     for u in (node, worker):
-        assert u["Service.User"] == ["cxr-node"] and "Service.DynamicUser" not in u
-        assert u["Service.StateDirectory"] == [production.state_dir.name]
-        assert Path("/var/lib", u["Service.StateDirectory"][0]) == production.state_dir
+        assert "Service.DynamicUser" not in u
         assert u["Service.StateDirectoryMode"] == ["0700"]
-        assert "broker-password:/etc/cxr-node/credentials/broker-password" in u["Service.LoadCredential"]
+        assert u["Service.MemoryMax"] and u["Service.TasksMax"]
         assert u["Service.KillMode"] == ["mixed"] and u["Service.KillSignal"] == ["SIGTERM"]
         assert u["Service.Restart"] == ["on-failure"]
         assert "redis-server.service" in " ".join(u["Unit.After"] + u["Unit.Wants"])
@@ -141,6 +154,7 @@ def test_worker_unit_runs_one_worker_per_gpu_offline():
 def test_sysusers_and_tmpfiles_declare_the_user_and_private_folders():
     sysusers = (UNITS / "cxr-node.sysusers").read_text()
     assert re.search(r"^u cxr-node - .* /var/lib/cxr-node /usr/sbin/nologin$", sysusers, re.M)
+    assert re.search(r"^u cxr-worker - .* /var/lib/cxr-worker /usr/sbin/nologin$", sysusers, re.M)
     tmpfiles = (UNITS / "cxr-node.tmpfiles").read_text()
     assert re.search(r"^d /etc/cxr-node/credentials\s+0700 root root", tmpfiles, re.M)
     assert re.search(r"^d /etc/cxr-node/tls\s+0750 root cxr-node", tmpfiles, re.M)

@@ -7,6 +7,7 @@ private network namespace (storescp cannot bind to loopback only).
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
 import subprocess
@@ -19,13 +20,20 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomgen import make_cxr
-from nodeproc import NodeProcess, run_storescu, parse_storescu, wait_for, write_config
+from nodeproc import NodeProcess, parse_storescu, run_storescu, wait_for, write_config
 from pacs import NetworkNamespace
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from cxr_node.config import ConfigError, DicomDestination, TLSConfig
+from cxr_node.audit import read_trail
+from cxr_node.config import (
+    ConfigError,
+    DestinationTLSConfig,
+    DicomDestination,
+    TLSConfig,
+    load_config,
+)
 from cxr_node.dispatch import DicomStore
 from cxr_node.tls import TLS12_CIPHERS, client_context, server_context
 
@@ -49,12 +57,13 @@ def openssl(*args: str | Path) -> None:
     assert done.returncode == 0, f"openssl {' '.join(map(str, args[:2]))}:\n{done.stderr}"
 
 
-def make_identity(directory: Path, name: str, ca: Identity | None = None) -> Identity:
-    """RSA 2048, one day; signed by ``ca``, else self-signed (a CA of its own)."""
+def make_identity(directory: Path, name: str, ca: Identity | None = None,
+                  san: str = "IP:127.0.0.1") -> Identity:
+    """RSA 2048, one day; signed by ``ca`` (naming ``san``), else self-signed (a CA of its own)."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     signing = ["-CA", ca.cert, "-CAkey", ca.key,
                "-addext", "basicConstraints=critical,CA:FALSE",
-               "-addext", "subjectAltName=IP:127.0.0.1",
+               "-addext", f"subjectAltName={san}",
                "-addext", "extendedKeyUsage=serverAuth,clientAuth"] if ca else []
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
             *signing, "-keyout", key, "-out", cert)
@@ -80,8 +89,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
                pacs=make_identity(d, "pacs", ca), stranger=make_identity(d, "stranger"))
 
 
-def tls_config(identity: Identity, ca: Path | None = None, **kw: object) -> TLSConfig:
-    return TLSConfig(certificate=identity.cert, private_key=identity.key, ca_certificates=ca, **kw)
+def tls_config(identity: Identity, ca: Path | None = None, **kw: object) -> DestinationTLSConfig:
+    return DestinationTLSConfig(certificate=identity.cert, private_key=identity.key,
+                                ca_certificates=ca, **kw)
 
 
 # --- contexts ----------------------------------------------------------------------------------
@@ -98,7 +108,7 @@ def test_contexts_follow_the_policy(pki: PKI):
     assert optional.verify_mode == ssl.CERT_OPTIONAL
     assert server_context(tls_config(pki.node)).verify_mode == ssl.CERT_NONE
     client = client_context(tls_config(pki.node, pki.ca.cert, minimum_version="TLSv1.3"))
-    assert client.verify_mode == ssl.CERT_REQUIRED and not client.check_hostname
+    assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname
     assert client.minimum_version == ssl.TLSVersion.TLSv1_3
     # only our CA: nothing from the system trust store
     assert [c["subject"] for c in client.get_ca_certs()] == [((("commonName", "hospital-ca"),),)]
@@ -345,3 +355,90 @@ def test_node_sends_only_to_a_pacs_whose_certificate_chains_to_our_ca(
         # no association: retried with backoff, dead after dispatch.max_attempts (dispatch rules)
         assert delivery.outcome == "retry", delivery
         assert received == []
+
+
+def certificate_sha256(identity: Identity) -> str:
+    der = ssl.PEM_cert_to_DER_cert(identity.cert.read_text())
+    return hashlib.sha256(der).hexdigest()
+
+
+@pytest.mark.parametrize(("pacs_name", "settings", "delivered"), [
+    ("IP:127.0.0.1", {}, True),
+    ("DNS:pacs.hospital.example", {"server_name": "pacs.hospital.example"}, True),
+    # a certificate of the same CA issued to another host (a modality, say) is not the PACS
+    ("IP:10.20.30.5,DNS:cr-ed-1.hospital.example", {}, False),
+    ("DNS:pacs.hospital.example", {}, False),
+    # a PACS whose certificate names neither: its pinned fingerprint identifies it
+    ("DNS:cr-ed-1.hospital.example", {"pin": "own"}, True),
+    ("IP:127.0.0.1", {"pin": "another"}, False),
+], ids=["ip-in-san", "server-name", "modality-certificate", "other-name", "pinned",
+        "pin-mismatch"])
+def test_node_sends_only_to_the_pacs_its_certificate_names(
+    pacs_name: str, settings: dict[str, str], delivered: bool, pki: PKI, netns: NetworkNamespace,
+    tmp_path: Path, image: Path,
+):
+    pacs_identity = make_identity(tmp_path, "pacs-under-test", pki.ca, san=pacs_name)
+    pin = settings.pop("pin", None)
+    if pin:
+        settings["pinned_sha256"] = [certificate_sha256(pacs_identity if pin == "own" else pki.pacs)]
+    pacs = TlsStorescp(netns, pacs_identity, pki.ca.cert, tmp_path)
+    try:
+        delivery = send_to(netns, tls_config(pki.node, pki.ca.cert, **settings), image)
+    finally:
+        pacs.close()
+    received = list(pacs.received.iterdir())
+    if delivered:
+        assert delivery.outcome == "delivered", (delivery, pacs.log.read_text()[-2000:])
+        assert len(received) == 1
+    else:
+        assert delivery.outcome == "retry" and received == [], delivery
+        expected = "is not one of tls.pinned_sha256" if pin else "mismatch, certificate is not valid"
+        assert "TLS: the certificate of PACS@127.0.0.1" in delivery.reason, delivery
+        assert expected in delivery.reason, delivery
+
+
+def test_pinned_fingerprints_are_validated(pki: PKI):
+    with pytest.raises(ValueError, match="64 hex digits"):
+        tls_config(pki.node, pki.ca.cert, pinned_sha256=["abc"])
+    colons = ":".join(certificate_sha256(pki.pacs).upper()[i:i + 2] for i in range(0, 64, 2))
+    assert tls_config(pki.node, pki.ca.cert, pinned_sha256=[colons]).pinned_sha256 == [
+        certificate_sha256(pki.pacs)]
+
+
+# --- client certificate subjects ---------------------------------------------------------------
+
+
+def test_a_certificate_subject_rule_admits_that_certificate_only(pki: PKI, tmp_path: Path,
+                                                                 image: Path):
+    """MODALITY1 may call only with the modality's certificate: the PACS's, though it chains to
+    the same CA, is rejected for that AE title, and admitted for its own."""
+    config = write_config(tmp_path, node={"receivers": 1, "tls": {
+        "certificate": str(pki.node.cert), "private_key": str(pki.node.key),
+        "ca_certificates": str(pki.ca.cert), "require_client_certificate": True,
+    }}, accept=[
+        {"ae_title": "MODALITY1", "network": "127.0.0.1/32", "certificate_subject": "CN=modality"},
+        {"ae_title": "PACS_MAIN", "network": "127.0.0.1/32", "certificate_subject": "CN=pacs"},
+    ])
+    as_pacs = ["+tls", pki.pacs.key, pki.pacs.cert, "+cf", pki.ca.cert]
+    other = tmp_path / "other.dcm"
+    make_cxr(generate_uid(), rows=32, columns=32).save_as(other, enforce_file_format=True)
+    with NodeProcess(config) as node:
+        assert storescu_tls(node, [image], trusted(pki)) == {str(image): "Success"}
+        assert "Success" not in storescu_tls(node, [other], as_pacs).values()
+        assert not stored(node, other)
+        [rejected] = node.events("association.rejected")
+        assert "matches no certificate_subject allowed for AE 'MODALITY1'" in rejected["reason"]
+        trail = read_trail(node.state_dir / "audit.jsonl").records
+        assert [r["cause"] for r in trail if r["event"] == "association.rejected"] == [
+            "certificate_subject"]
+        out = run_storescu([*map(str, as_pacs), "-aet", "PACS_MAIN", "-aec", "CXR_NODE",
+                            "127.0.0.1", str(node.port), str(other)], timeout=60)
+        assert parse_storescu(out) == {str(other): "Success"}, out[-1500:]
+
+
+def test_a_certificate_subject_needs_verified_client_certificates(tmp_path: Path):
+    rule = {"ae_title": "MODALITY1", "network": "*", "certificate_subject": "CN=modality"}
+    with pytest.raises(ConfigError, match=r"'accept'.*node.tls with ca_certificates"):
+        load_config(write_config(tmp_path, accept=[rule]))
+    with pytest.raises(ConfigError, match=r"accept\[0\].certificate_subject.*CN=CR_ED_1"):
+        load_config(write_config(tmp_path, accept=[{**rule, "certificate_subject": "XX=1"}]))

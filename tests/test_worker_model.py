@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 import yaml
-from PIL import Image
-
-from cxr_node.config import BROKER_PASSWORD_ENV, CONFIG_ENV, Config, ModelConfig, load_config
 from modelzoo import xray_image
-from nodeproc import REDIS_PASSWORD
+from PIL import Image
+from redisserver import REDIS_ENV, redis_queue
+
+from cxr_node.config import CONFIG_ENV, Config, ModelConfig, load_config
+from cxr_node.identity import IdentityError, fingerprint, model_identity
+from cxr_node.report import sign_off_cue
 from workers.app import make_celery, prune_embedded, redis_url
 from workers.demo import DEMO_MANIFEST, build_demo_model
 from workers.model import (
@@ -31,12 +33,12 @@ from workers.model import (
     ModelLoadError,
     ReportModel,
     check_adapter_dir,
-    fingerprint,
+    check_model_dir,
     letterbox,
     load_model,
     views_phrase,
 )
-from workers.payload import TASK_NAME, TransientDraftError, parse_report
+from workers.payload import TASK_NAME, DraftResult, parse_report
 
 REPO = Path(__file__).resolve().parents[1]
 NIH = ["00000129_000.png", "00000284_000.png", "00000353_000.png"]
@@ -113,9 +115,9 @@ def test_empty_or_degenerate_text_is_a_failure_with_a_reason(text: str, reason: 
     assert reason in (parsed.reason or "")
 
 
-def _iu_reports(shared_data: Path) -> Iterator[tuple[str, str]]:
+def _iu_reports(reports: Path) -> Iterator[tuple[str, str]]:
     """(findings, impression) of every Indiana University report that has both, read unmodified."""
-    with tarfile.open(shared_data / "iu-xray-openi" / "NLMCXR_reports.tgz") as archive:
+    with tarfile.open(reports) as archive:
         for member in archive:
             if member.name.endswith(".xml"):
                 root = ET.parse(archive.extractfile(member)).getroot()  # type: ignore[arg-type]
@@ -126,11 +128,12 @@ def _iu_reports(shared_data: Path) -> Iterator[tuple[str, str]]:
                     yield findings, impression
 
 
-def test_real_radiology_reports_parse_back_and_are_never_called_degenerate(shared_data: Path) -> None:
-    """3,400 real reports: the repetition check must not fire on radiologists' terse style."""
+def test_real_radiology_reports_parse_back_and_are_never_called_degenerate(iu_reports: Path) -> None:
+    """3,400 real reports: the repetition check must not fire on radiologists' terse style, and
+    the node's sign-off check (report.SIGN_OFF_CUES) must not take their prose for a signature."""
     normalise = " ".join
     count = 0
-    for i, (findings, impression) in enumerate(_iu_reports(shared_data)):
+    for i, (findings, impression) in enumerate(_iu_reports(iu_reports)):
         text = (
             f"FINDINGS: {findings}\n\nIMPRESSION: {impression}"
             if i % 2
@@ -140,6 +143,7 @@ def test_real_radiology_reports_parse_back_and_are_never_called_degenerate(share
         assert parsed.ok, (parsed.reason, text)
         assert normalise(parsed.findings.split()) == normalise(findings.split())
         assert normalise(parsed.impression.split()) == normalise(impression.split())
+        assert sign_off_cue(findings) is None and sign_off_cue(impression) is None, text
         count += 1
     assert count > 3000
 
@@ -195,6 +199,28 @@ def test_bad_manifest_and_incomplete_adapter_are_refused(demo_dir: Path, tmp_pat
         check_adapter_dir(tmp_path / "adapter")
 
 
+def test_pickled_weights_and_adapters_are_refused(demo_dir: Path, tmp_path: Path) -> None:
+    """torch.load of a pickle runs code: a folder whose weights are only pickles is not loaded."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(demo_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"weights only as pickles \(pytorch_model\.bin\): "
+                                             "loading a pickle runs code"):
+        load_model(ModelConfig(device="cpu", quantization="none"), pickled)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelLoadError, match="adapter_model.bin, a pickle: loading it runs code"):
+        check_adapter_dir(adapter)
+    # a folder with both: the safetensors are what is loaded, the pickle is never opened
+    both = tmp_path / "both"
+    shutil.copytree(demo_dir, both)
+    (both / "pytorch_model.bin").write_bytes(b"\x80\x04not a checkpoint: opening it would fail")
+    check_model_dir(both)
+    assert load_model(ModelConfig(device="cpu", quantization="none", generation=QUICK), both)
+
+
 # --- the demo model ------------------------------------------------------------------------------
 
 
@@ -228,6 +254,24 @@ def test_demo_model_is_small_private_deterministic_and_says_demo(demo_dir: Path,
         build_demo_model(again)
 
 
+def test_the_node_computes_the_identity_the_worker_reports(demo_dir: Path) -> None:
+    """Same folder, same settings: the node's torch-free identity is the loaded model's."""
+    config = ModelConfig(device="cpu", quantization="none", generation=QUICK)
+    assert model_identity(config, demo_dir) == load_model(config, demo_dir).identity
+
+
+def test_a_worker_with_another_model_than_the_pinned_one_does_not_start(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.tasks
+
+    monkeypatch.setattr(workers.tasks, "_config", None)
+    pinned = {**model_identity(ModelConfig(), demo_dir).model_dump(), "fingerprint": "0" * 64}
+    config = load_config(_write_config(tmp_path, model={"path": str(demo_dir), "identity": pinned}))
+    with pytest.raises(IdentityError, match=r"is not the one model\.identity pins \(0000"):
+        workers.tasks.run_worker(config)
+
+
 def test_fingerprint_follows_prompt_generation_and_quantization(demo_dir: Path) -> None:
     base = ModelConfig(device="cpu", quantization="none")
     variants = [
@@ -239,9 +283,9 @@ def test_fingerprint_follows_prompt_generation_and_quantization(demo_dir: Path) 
     assert len({fingerprint(v, demo_dir) for v in variants}) == len(variants)
 
 
-def test_demo_draft_with_two_images_is_fast_on_cpu(demo_dir: Path, shared_data: Path) -> None:
+def test_demo_draft_with_two_images_is_fast_on_cpu(demo_dir: Path, nih_images: Path) -> None:
     model = load_model(ModelConfig(device="cpu", generation={"max_new_tokens": 64, "min_new_tokens": 64}), demo_dir)
-    request = {"request_id": "r", "images": [xray_image(shared_data, NIH[0], "PA"), xray_image(shared_data, NIH[1], "LATERAL")]}
+    request = {"request_id": "r", "images": [xray_image(nih_images, NIH[0], "PA"), xray_image(nih_images, NIH[1], "LATERAL")]}
     model.draft([request])  # first call pays one-off set-up
     started = time.perf_counter()
     [result] = model.draft([request])
@@ -253,15 +297,15 @@ def test_demo_draft_with_two_images_is_fast_on_cpu(demo_dir: Path, shared_data: 
 # --- batching ------------------------------------------------------------------------------------
 
 
-def _requests(shared_data: Path) -> list[dict[str, Any]]:
+def _requests(nih_images: Path) -> list[dict[str, Any]]:
     return [
-        {"request_id": "j1-r1", "images": [xray_image(shared_data, NIH[0], "PA")], "indication": None},
+        {"request_id": "j1-r1", "images": [xray_image(nih_images, NIH[0], "PA")], "indication": None},
         {
             "request_id": "j2-r1",
-            "images": [xray_image(shared_data, NIH[1], "PA"), xray_image(shared_data, NIH[2], "LATERAL")],
+            "images": [xray_image(nih_images, NIH[1], "PA"), xray_image(nih_images, NIH[2], "LATERAL")],
             "indication": "Cough for two weeks.",
         },
-        {"request_id": "j3-r1", "images": [xray_image(shared_data, NIH[2], "AP")], "indication": None},
+        {"request_id": "j3-r1", "images": [xray_image(nih_images, NIH[2], "AP")], "indication": None},
     ]
 
 
@@ -280,9 +324,9 @@ def generate_calls(demo: ReportModel, monkeypatch: pytest.MonkeyPatch) -> list[i
 
 
 def test_three_requests_one_generate_results_in_order(
-    demo: ReportModel, shared_data: Path, generate_calls: list[int]
+    demo: ReportModel, nih_images: Path, generate_calls: list[int]
 ) -> None:
-    requests = _requests(shared_data)
+    requests = _requests(nih_images)
     results = demo.draft(requests)
     assert generate_calls == [3]
     assert [r["request_id"] for r in results] == ["j1-r1", "j2-r1", "j3-r1"]
@@ -290,13 +334,14 @@ def test_three_requests_one_generate_results_in_order(
         assert r["timings"]["batch_size"] == 3
         assert r["timings"]["device"] == "cpu" and r["timings"]["worker"] == socket.gethostname()
         assert r["ok"] or r["reason"]
+        assert DraftResult.model_validate(r).model == demo.identity  # the contract the node reads
     # Left padding done right: each request drafts the same alone as in the batch.
     alone = [demo.draft([request])[0]["text"] for request in requests]
     assert [r["text"] for r in results] == alone
 
 
-def test_a_bad_png_fails_only_its_own_request(demo: ReportModel, shared_data: Path, generate_calls: list[int]) -> None:
-    requests = _requests(shared_data)
+def test_a_bad_png_fails_only_its_own_request(demo: ReportModel, nih_images: Path, generate_calls: list[int]) -> None:
+    requests = _requests(nih_images)
     requests[1]["images"][1] = {**requests[1]["images"][1], "png_b64": "bm90IGEgUE5H"}  # "not a PNG"
     results = demo.draft(requests)
     assert generate_calls == [2]
@@ -316,21 +361,21 @@ def test_a_bad_png_fails_only_its_own_request(demo: ReportModel, shared_data: Pa
     ],
 )
 def test_request_problems_are_reasons_not_exceptions(
-    demo: ReportModel, shared_data: Path, change: dict[str, Any], reason: str
+    demo: ReportModel, nih_images: Path, change: dict[str, Any], reason: str
 ) -> None:
-    image = {**xray_image(shared_data, NIH[0], "PA", image_size=256), **change}
+    image = {**xray_image(nih_images, NIH[0], "PA", image_size=256), **change}
     [result] = demo.draft([{"request_id": "x", "images": [image]}])
     assert result["ok"] is False and reason in result["reason"]
 
 
-def test_images_above_the_size_limit_are_scaled_with_a_note(demo_dir: Path, shared_data: Path) -> None:
+def test_images_above_the_size_limit_are_scaled_with_a_note(demo_dir: Path, nih_images: Path) -> None:
     small = load_model(ModelConfig(device="cpu", quantization="none", image_size=256, generation=QUICK), demo_dir)
-    [result] = small.draft([{"request_id": "x", "images": [xray_image(shared_data, NIH[0], "PA", 1024)]}])
+    [result] = small.draft([{"request_id": "x", "images": [xray_image(nih_images, NIH[0], "PA", 1024)]}])
     assert "PA image scaled down to 256 px" in result["notes"]
 
 
-def test_indication_reaches_the_prompt_only_when_the_worker_allows_it(demo_dir: Path, shared_data: Path) -> None:
-    request = {"request_id": "x", "images": [xray_image(shared_data, NIH[0], "PA", 256)], "indication": "Cough."}
+def test_indication_reaches_the_prompt_only_when_the_worker_allows_it(demo_dir: Path, nih_images: Path) -> None:
+    request = {"request_id": "x", "images": [xray_image(nih_images, NIH[0], "PA", 256)], "indication": "Cough."}
     for allowed in (True, False):
         model = load_model(ModelConfig(device="cpu", quantization="none", send_indication=allowed), demo_dir)
         [ids] = model.model_inputs([request])["input_ids"].tolist()
@@ -357,18 +402,21 @@ def test_views_phrase() -> None:
 
 
 def test_the_node_side_imports_no_torch() -> None:
-    code = "import sys, workers.app, workers.tasks; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    code = (
+        "import sys, workers.app, workers.tasks, cxr_node.queue, cxr_node.identity; "
+        "print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_task_settings_retry_only_transient_failures_up_to_max_attempts(tmp_path: Path) -> None:
+def test_task_settings_leave_retries_to_the_node(tmp_path: Path) -> None:
     import workers.tasks  # noqa: F401 - registers the task with every app
 
     config = load_config(_write_config(tmp_path, queue={"max_attempts": 5, "task_time_limit_seconds": 600}))
     app = make_celery(config)
     task = app.tasks[TASK_NAME]
-    assert task.autoretry_for == (TransientDraftError,) and task.max_retries == 4
+    assert not getattr(task, "autoretry_for", ()) and task.max_retries == 0
     assert task.acks_late and task.reject_on_worker_lost
     assert (app.conf.task_time_limit, app.conf.task_soft_time_limit) == (600, 540)
     assert app.conf.worker_prefetch_multiplier == 1 and app.conf.accept_content == ["json"]
@@ -433,9 +481,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-def _draft_through_celery(config: Config, shared_data: Path, worker: subprocess.Popen[bytes]) -> None:
+def _draft_through_celery(config: Config, nih_images: Path, worker: subprocess.Popen[bytes]) -> None:
     app = make_celery(config)
-    requests = _requests(shared_data)[:2] + [{"request_id": "bad", "images": []}]
+    requests = _requests(nih_images)[:2] + [{"request_id": "bad", "images": []}]
     result = app.send_task(TASK_NAME, args=[requests])
     try:
         results = result.get(timeout=120, interval=0.05)
@@ -450,12 +498,12 @@ def _draft_through_celery(config: Config, shared_data: Path, worker: subprocess.
 
 
 @pytest.mark.slow
-def test_embedded_broker_worker_builds_the_demo_and_drafts(tmp_path: Path, shared_data: Path) -> None:
+def test_embedded_broker_worker_builds_the_demo_and_drafts(tmp_path: Path, nih_images: Path) -> None:
     config_path = _write_config(tmp_path)
     config = load_config(config_path)
     worker = _start_worker(config_path, {})
     try:
-        _draft_through_celery(config, shared_data, worker)
+        _draft_through_celery(config, nih_images, worker)
     finally:
         _stop(worker)
     assert (config.model_path / MANIFEST_NAME).is_file()  # built on first start, no download
@@ -467,17 +515,20 @@ def test_embedded_broker_worker_builds_the_demo_and_drafts(tmp_path: Path, share
 
 @pytest.mark.slow
 def test_redis_broker_worker_drafts(
-    tmp_path: Path, shared_data: Path, redis_port: int, demo_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, nih_images: Path, redis_port: int, demo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(BROKER_PASSWORD_ENV, REDIS_PASSWORD)
-    config_path = _write_config(
-        tmp_path, queue={"broker": f"redis://127.0.0.1:{redis_port}/0"}, model={"path": str(demo_dir)}
-    )
+    for name, value in REDIS_ENV.items():
+        monkeypatch.setenv(name, value)
+    config_path = _write_config(tmp_path, queue=redis_queue(redis_port),
+                                model={"path": str(demo_dir)})
     config = load_config(config_path)
-    assert redis_url(config) == f"redis://:s3cret%3A%2F%40x@127.0.0.1:{redis_port}/0"
-    worker = _start_worker(config_path, {BROKER_PASSWORD_ENV: REDIS_PASSWORD})
+    assert redis_url(config, "node") == (
+        f"redis://cxr-node:s3cret%3A%2F%40x@127.0.0.1:{redis_port}/0")
+    assert redis_url(config, "worker") == (
+        f"redis://cxr-worker:w0rker%23%3F%25y@127.0.0.1:{redis_port}/0")
+    worker = _start_worker(config_path, REDIS_ENV)
     try:
-        _draft_through_celery(config, shared_data, worker)
+        _draft_through_celery(config, nih_images, worker)
     finally:
         _stop(worker)
     assert not config.queue_dir.exists()  # nothing of the embedded broker was made

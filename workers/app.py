@@ -6,21 +6,30 @@ No torch here: the node imports this module. Two brokers, chosen by `queue.broke
   file:// result backend, so one machine needs no server. Both write files in place in kombu 5.7 /
   celery 5.7 (a reader can see half a message or half a result); the subclasses below write to a
   temporary name and rename, so a reader sees all of a file or nothing.
-- "redis://...": Redis for broker and results, the password from the environment or systemd.
+- "redis://..." or "rediss://..." (TLS, queue.tls): Redis for broker and results. The node and
+  the workers log in as different ACL users, each with its own password (systemd credential or
+  environment, never YAML); remote control is off, so the broker carries drafts and nothing else.
 
-Reliability: late acks + reject on worker loss + prefetch 1, so a draft whose worker dies is
-delivered again; with Redis the visibility timeout is longer than the task time limit (config
-enforces it), so a slow draft is not handed to a second worker. The filesystem transport keeps an
-unacked message in the worker's memory (it is put back on a clean shutdown, not after a kill -9):
-the node's result timeout re-queues that study.
+Reliability: late acks + reject on worker loss + prefetch 1, so a draft whose worker stops before
+starting it is delivered again; with Redis the visibility timeout is longer than the task time
+limit (config enforces it), so a slow draft is not handed to a second worker. Retries belong to
+the node alone (cxr_node/queue.py): the task never retries itself, and every task expires
+`queue.start_timeout_seconds` after it was sent, so a copy delivered again later (its worker
+killed mid-draft) is discarded unrun rather than run beside the node's next attempt. The
+filesystem transport keeps an unacked message in the worker's memory (it is put back on a clean
+shutdown, not after a kill -9): the node's result timeout re-queues that study.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import ssl
+import stat
 import time
 import uuid
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery
@@ -33,7 +42,10 @@ from cxr_node.config import Config, broker_password
 from workers.payload import TASK_NAME
 
 RESULT_EXPIRES_SECONDS = 24 * 3600
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+"""Largest result file the node reads: a batch of drafts is kilobytes."""
 EMBEDDED_PICKUP_SECONDS = 0.02
+Role = Literal["node", "worker"]
 """How often a worker on the embedded broker looks for a task (a folder listing: cheap)."""
 
 
@@ -73,11 +85,30 @@ class AtomicFilesystemTransport(filesystem.Transport):
 
 
 class AtomicFilesystemBackend(FilesystemBackend):
-    """Celery's file:// result backend, writing each result file atomically with mode 0600."""
+    """Celery's file:// result backend, writing each result file atomically with mode 0600, and
+    reading only what a worker's answer can be: a regular file of at most MAX_RESULT_BYTES (a
+    FIFO, a link or a giant file in the results folder is refused, never waited on or read)."""
 
     def set(self, key: bytes, value: bytes | str) -> None:
         path = self._filename(key)
         _write_atomically(os.fsdecode(path), value if isinstance(value, bytes) else value.encode())
+
+    def get(self, key: bytes) -> bytes | None:
+        try:
+            fd = os.open(self._filename(key), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError("the result is a symbolic link") from None
+            raise
+        with os.fdopen(fd, "rb") as infile:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("the result is not a regular file")
+            data = infile.read(MAX_RESULT_BYTES + 1)
+        if len(data) > MAX_RESULT_BYTES:
+            raise ValueError(f"the result file is larger than {MAX_RESULT_BYTES} bytes")
+        return data
 
 
 def queue_folders(config: Config) -> dict[str, Path]:
@@ -99,19 +130,36 @@ def _private_dirs(paths: list[Path]) -> None:
         path.chmod(0o700)
 
 
-def redis_url(config: Config) -> str:
-    """The configured Redis URL with the password (never in YAML) put in."""
-    password = broker_password()
-    if not password:
-        return config.queue.broker
-    parts = urlsplit(config.queue.broker)
+def redis_url(config: Config, role: Role = "node") -> str:
+    """The configured Redis URL with the role's ACL user and password (never in YAML) put in."""
+    q = config.queue
+    parts = urlsplit(q.broker)
     host = parts.hostname or "localhost"
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{host}"
+    user = q.username if role == "node" else q.worker_username
+    password = broker_password(role)
+    userinfo = quote(user or "", safe="") + (f":{quote(password, safe='')}" if password else "")
+    netloc = f"{userinfo}@{host}" if userinfo else host
     if parts.port:
         netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def redis_tls(config: Config) -> dict[str, object] | None:
+    """redis-py TLS settings: the server's certificate checked against our CA and its name."""
+    tls = config.queue.tls
+    if tls is None:
+        return None
+    settings: dict[str, object] = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": str(tls.ca_certificates),
+        "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+    }
+    if tls.certificate is not None:
+        settings.update(ssl_certfile=str(tls.certificate), ssl_keyfile=str(tls.private_key))
+    return settings
 
 
 def soft_time_limit(hard_limit: int) -> int:
@@ -119,8 +167,11 @@ def soft_time_limit(hard_limit: int) -> int:
     return max(hard_limit - max(5, hard_limit // 10), hard_limit // 2)
 
 
-def make_celery(config: Config) -> Celery:
-    """The Celery app for `config`; importing it costs no torch, so the node can send tasks."""
+def make_celery(config: Config, role: Role = "node") -> Celery:
+    """The Celery app for `config`; importing it costs no torch, so the node can send tasks.
+
+    ``role`` chooses the Redis user and password: the node's, or the workers'.
+    """
     q = config.queue
     app = Celery("cxr-node", set_as_current=False)
     settings: dict[str, object] = {}
@@ -140,21 +191,18 @@ def make_celery(config: Config) -> Celery:
                 "polling_interval": min(q.poll_interval_seconds, EMBEDDED_PICKUP_SECONDS),
             },
             result_backend=f"{__name__}:AtomicFilesystemBackend+file://{folders['results']}",
-            # Remote control binds one fanout queue per worker in the control folder; a killed
-            # worker's binding stays, and every broadcast would pile up files nobody reads.
-            worker_enable_remote_control=False,
         )
     else:
-        url = redis_url(config)
+        url = redis_url(config, role)
         settings.update(
             broker_url=url,
             broker_transport_options={"visibility_timeout": q.visibility_timeout_seconds},
             result_backend=url,
+            broker_use_ssl=redis_tls(config),
+            redis_backend_use_ssl=redis_tls(config),
         )
     settings.update(
         task_routes={TASK_NAME: {"queue": q.name}},
-        # The task retries transient failures itself (autoretry); max_attempts counts all runs.
-        task_annotations={TASK_NAME: {"max_retries": q.max_attempts - 1}},
         task_default_queue=q.name,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -171,6 +219,10 @@ def make_celery(config: Config) -> Celery:
         # A draft running when the broker connection drops will be redelivered (late ack):
         # stop it rather than finish it twice.
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # No remote control: anyone who can publish to the broker could otherwise tell workers
+        # to shut down, change rate limits or revoke tasks (and with the embedded broker a killed
+        # worker's fanout binding would pile up files nobody reads).
+        worker_enable_remote_control=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

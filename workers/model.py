@@ -1,8 +1,12 @@
 """Loading a vision-language model from a local folder, and drafting reports with it in batches.
 
 The model is read from disk only: a worker never downloads anything, and a folder that is missing
-or half-copied stops it with a message naming the folder and the missing part. One `draft` call is
-one batched `generate`: a batch costs about the time of its longest report, not the sum.
+or half-copied stops it with a message naming the folder and the missing part. Weights and
+adapters are read from safetensors only: a pickle (``pytorch_model.bin``, ``*.pt``) runs code when
+loaded, so a folder that has only pickles is refused. One `draft` call is one batched `generate`:
+a batch costs about the time of its longest report, not the sum. Each result is a DraftResult
+(workers/payload.py) carrying the model's identity (cxr_node/identity.py, computed the way the
+node computes it).
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import functools  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -38,20 +41,34 @@ from transformers import (  # noqa: E402
 )
 
 from cxr_node.config import ModelConfig  # noqa: E402
+from cxr_node.identity import (  # noqa: E402
+    MANIFEST_NAME,
+    IdentityError,
+    ModelIdentity,
+    architecture_of,
+    model_identity,
+)
 from workers.payload import (  # noqa: E402
     MAX_INDICATION_CHARS,
+    MAX_NOTES,
+    MAX_REASON,
+    MAX_RESULT_TEXT,
     DraftRequest,
+    DraftResult,
+    ParsedReport,
     PayloadError,
+    Timings,
     TransientDraftError,
     parse_report,
     request_id_of,
 )
 
+__all__ = ["MANIFEST_NAME", "ModelLoadError", "ReportModel", "load_model"]  # MANIFEST_NAME: re-exported
+
 log = structlog.get_logger(__name__)
 
-MANIFEST_NAME = "cxr-model.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_PARTIAL_HASH_BYTES = 1 << 20  # files above 2 MiB are fingerprinted by size + first and last MiB
+WEIGHTS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # bitsandbytes 8-bit matmul on CPU casts fp32 to fp16 and says so on every call.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -87,22 +104,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 VIEW_WORDS = {"PA": "PA", "AP": "AP", "LATERAL": "lateral", "UNKNOWN": "unspecified"}
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What the SR names as the algorithm; `fingerprint` changes with weights, adapter or prompt."""
-
-    name: str
-    version: str
-    architecture: str
-    quantization: str
-    adapter: str | None
-    fingerprint: str
-    demo: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def check_model_dir(model_dir: Path) -> None:
     """Raise ModelLoadError naming everything a loadable model folder lacks."""
     model_dir = Path(model_dir)
@@ -112,8 +113,16 @@ def check_model_dir(model_dir: Path) -> None:
     missing = []
     if "config.json" not in names:
         missing.append("config.json")
-    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
-        missing.append("weights (*.safetensors or *.bin)")
+    if not any(n.endswith(WEIGHTS_SUFFIX) for n in names):
+        pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise ModelLoadError(
+                f"model folder {model_dir} has weights only as pickles ({', '.join(pickles)}): "
+                "loading a pickle runs code, so only safetensors are loaded; convert them "
+                "(transformers: save_pretrained(..., safe_serialization=True)) or use the "
+                "model's safetensors release"
+            )
+        missing.append("weights (*.safetensors)")
     for index in (n for n in names if n.endswith(".index.json")):
         try:
             shards = set(json.loads((model_dir / index).read_text()).get("weight_map", {}).values())
@@ -135,93 +144,16 @@ def check_adapter_dir(adapter_dir: Path) -> None:
     missing = []
     if not (adapter_dir / "adapter_config.json").is_file():
         missing.append("adapter_config.json")
-    if not any((adapter_dir / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise ModelLoadError(
+                f"adapter folder {adapter_dir} has adapter_model.bin, a pickle: loading it runs "
+                "code, so only adapter_model.safetensors is loaded; save the adapter with "
+                "safe_serialization=True"
+            )
         missing.append("adapter_model.safetensors")
     if missing:
         raise ModelLoadError(f"adapter folder {adapter_dir} is incomplete: missing {', '.join(missing)}")
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        if size <= 2 * _PARTIAL_HASH_BYTES:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(_PARTIAL_HASH_BYTES))
-            f.seek(-_PARTIAL_HASH_BYTES, os.SEEK_END)
-            digest.update(f.read())
-    return digest.hexdigest()
-
-
-def _folder_digest(folder: Path, label: str) -> list[Any]:
-    return [
-        [label, p.name, p.stat().st_size, _file_digest(p)]
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST_NAME
-    ]
-
-
-def _digest(parts: list[Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint(config: ModelConfig, model_dir: Path) -> str:
-    """sha256 over the model's and adapter's files, the prompt, quantization and generation settings.
-
-    Large files count by name, size and their first and last MiB, so a multi-GB checkpoint is
-    fingerprinted in milliseconds; small files (config, tokenizer, chat template) count whole.
-    """
-    parts: list[Any] = _folder_digest(Path(model_dir), "model")
-    if config.adapter is not None:
-        parts += _folder_digest(Path(config.adapter), "adapter")
-    parts.append(
-        {
-            "prompt": config.prompt,
-            "quantization": config.quantization,
-            "generation": config.generation.model_dump(mode="json"),
-        }
-    )
-    return _digest(parts)
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The optional cxr-model.json: {"name": str, "version": str, "demo": bool}, each optional."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON ({exc})") from None
-    types = {"name": str, "version": str, "demo": bool}
-    if not isinstance(data, dict) or set(data) - set(types):
-        raise ModelLoadError(f"{path} must be an object with only the keys name, version, demo")
-    for key, kind in types.items():
-        if key in data and not isinstance(data[key], kind):
-            raise ModelLoadError(f"{path}: {key!r} must be a {kind.__name__}, got {data[key]!r}")
-    return data
-
-
-def model_identity(config: ModelConfig, model_dir: Path, architecture: str) -> ModelIdentity:
-    model_dir = Path(model_dir)
-    digest = fingerprint(config, model_dir)
-    manifest = read_manifest(model_dir)
-    adapter = None
-    if config.adapter is not None:
-        adapter_dir = Path(config.adapter)
-        adapter_manifest = read_manifest(adapter_dir)
-        version = adapter_manifest.get("version") or _digest(_folder_digest(adapter_dir, "adapter"))[:12]
-        adapter = f"{adapter_manifest.get('name', adapter_dir.resolve().name)}@{version}"
-    return ModelIdentity(
-        name=manifest.get("name", model_dir.resolve().name),
-        version=manifest.get("version", digest[:12]),
-        architecture=architecture,
-        quantization=config.quantization,
-        adapter=adapter,
-        fingerprint=digest,
-        demo=manifest.get("demo", False),
-    )
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -307,14 +239,15 @@ def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
     if config.adapter is not None:
         check_adapter_dir(config.adapter)
     try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        raise ModelLoadError(f"{model_dir / 'config.json'} is not a readable model configuration") from None
-    arch = ARCHITECTURES.get(model_type)
-    if arch is None:
-        raise ModelLoadError(
-            f"{model_dir}: architecture {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
-        )
+        model_type = architecture_of(model_dir)
+        arch = ARCHITECTURES.get(model_type)
+        if arch is None:
+            raise ModelLoadError(
+                f"{model_dir}: architecture {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+            )
+        identity = model_identity(config, model_dir)
+    except IdentityError as exc:
+        raise ModelLoadError(str(exc)) from None
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -330,6 +263,7 @@ def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
             dtype=dtype,
             quantization_config=quantization_config(config, arch, dtype),
             device_map={"": device},
+            use_safetensors=True,
         )
         if config.adapter is not None:
             from peft import PeftModel
@@ -340,7 +274,6 @@ def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
     if processor.chat_template is None and getattr(processor, "image_token", None) is None:
         raise ModelLoadError(f"{model_dir}: the processor has neither a chat template nor an image token")
     processor.tokenizer.padding_side = "left"  # decoder-only batching: prompts end where text starts
-    identity = model_identity(config, model_dir, arch.model_type)
     log.info(
         "model loaded",
         model=identity.name,
@@ -414,7 +347,7 @@ class ReportModel:
         """One result per request, in order; one batched generate for all requests that can run.
 
         A bad request fails alone (ok=false with a reason). GPU out of memory raises
-        TransientDraftError for the whole batch, so the task is retried.
+        TransientDraftError for the whole batch: the task fails, and the node decides on a retry.
         """
         prepared: list[_Prepared | dict[str, Any]] = []
         for raw in requests:
@@ -428,28 +361,25 @@ class ReportModel:
         seconds = 0.0
         if runnable:
             texts, counts, seconds = self._generate(runnable)
-        timings = {
-            "generate_seconds": round(seconds, 4),
-            "batch_size": len(runnable),
-            "worker": self.hostname,
-            "device": self.device,
-        }
+        def timings(new_tokens: int) -> Timings:
+            return Timings(generate_seconds=round(seconds, 4), batch_size=len(runnable),
+                           new_tokens=new_tokens, worker=self.hostname[:255], device=self.device)
+
         generated = iter(zip(texts, counts, strict=True))
         results = []
         for item in prepared:
             if isinstance(item, _Prepared):
                 text, count = next(generated)
-                results.append(self._result(item.request_id, text, item.notes, {**timings, "new_tokens": count}))
+                answer = self._answer(item.request_id, parse_report(text), text, item.notes, timings(count))
             else:
-                results.append(
-                    self._failure(item["request_id"], item["reason"], "", [], {**timings, "new_tokens": 0})
-                )
+                answer = self._answer(item["request_id"], ParsedReport(reason=item["reason"]), "", [], timings(0))
+            results.append(answer.model_dump(mode="json"))
         log.info(
             "draft batch",
             requests=len(requests),
             generated=len(runnable),
             failed=sum(not r["ok"] for r in results),
-            seconds=timings["generate_seconds"],
+            seconds=round(seconds, 4),
             new_tokens=sum(counts),
         )
         return results
@@ -543,33 +473,20 @@ class ReportModel:
             counts.append(end)
         return texts, counts, seconds
 
-    def _result(self, request_id: str, text: str, notes: list[str], timings: dict[str, Any]) -> dict[str, Any]:
-        parsed = parse_report(text)
-        if not parsed.ok:
-            return self._failure(request_id, parsed.reason or "", text, [*notes, *parsed.notes], timings)
-        return {
-            "request_id": request_id,
-            "ok": True,
-            "findings": parsed.findings,
-            "impression": parsed.impression,
-            "reason": None,
-            "text": text,
-            "notes": [*notes, *parsed.notes],
-            "model": self.identity.to_dict(),
-            "timings": timings,
-        }
-
-    def _failure(
-        self, request_id: str, reason: str, text: str, notes: list[str], timings: dict[str, Any]
-    ) -> dict[str, Any]:
-        return {
-            "request_id": request_id,
-            "ok": False,
-            "findings": "",
-            "impression": "",
-            "reason": reason,
-            "text": text,
-            "notes": notes,
-            "model": self.identity.to_dict(),
-            "timings": timings,
-        }
+    def _answer(
+        self, request_id: str, parsed: ParsedReport, text: str, notes: list[str], timings: Timings
+    ) -> DraftResult:
+        """The result for one request, within the contract's bounds (the node checks them too)."""
+        if parsed.ok and len(parsed.findings) + len(parsed.impression) > MAX_RESULT_TEXT:
+            parsed = ParsedReport(reason=f"the model wrote more than {MAX_RESULT_TEXT} characters")
+        return DraftResult(
+            request_id=request_id,
+            ok=parsed.ok,
+            findings=parsed.findings,
+            impression=parsed.impression,
+            reason=None if parsed.ok else (parsed.reason or "no reason given")[:MAX_REASON],
+            text=text[:MAX_RESULT_TEXT],
+            notes=[note[:MAX_REASON] for note in [*notes, *parsed.notes]][:MAX_NOTES],
+            model=self.identity,
+            timings=timings,
+        )

@@ -1,7 +1,11 @@
 """The task contract between node and worker, and the reading of a model's text into a report.
 
-No torch here: the node may import this module to build requests the way the worker reads them.
-A request carries pixels and view names only; nothing in it identifies a patient.
+No torch here: the node imports this module to build requests the way the worker reads them, and
+to read results the way the worker writes them. A request carries pixels and view names only;
+nothing in it identifies a patient. A result (DraftResult) is one typed contract, produced by the
+worker and validated by the node field by field with bounds on every size, so that whatever
+reaches the result backend (a rogue or buggy worker, anyone who can write to Redis or the
+embedded broker's folder) costs at most its own study.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import binascii
 import io
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from cxr_node.identity import ModelIdentity
 
 TASK_NAME = "cxr.draft_report"
 VIEWS = ("PA", "AP", "LATERAL", "UNKNOWN")
@@ -30,7 +37,8 @@ class PayloadError(ValueError):
 
 
 class TransientDraftError(Exception):
-    """A batch failed for a reason that may pass (GPU out of memory): Celery retries the task."""
+    """A batch failed for a reason that may pass (GPU out of memory): the task fails, and the node
+    submits the study again (it owns retries; the task never retries itself)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class DraftRequest:
 def request_id_of(data: Any) -> str:
     """The id to answer a request with, even one too broken to parse, so results stay aligned."""
     value = data.get("request_id") if isinstance(data, Mapping) else None
-    return value if isinstance(value, str) else ""
+    return value if isinstance(value, str) and 1 <= len(value) <= 128 else "unreadable"
 
 
 def encode_image(pixels: np.ndarray, view: str, max_side: int) -> DraftImage:
@@ -243,3 +251,107 @@ def _tidy(section: str) -> str:
     """Strip markdown emphasis and list debris left around a section, keep its line breaks."""
     lines = [re.sub(r"[ \t]+", " ", line).strip() for line in section.strip(" \t\n*_:").splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# --- the result ----------------------------------------------------------------------------------
+
+MAX_RESULT_TEXT = 100_000  # characters of findings, impression or raw text; the node bounds more
+MAX_REASON = 1000
+MAX_NOTES = 64
+_LIMITED = ConfigDict(extra="forbid", frozen=True, strict=True)
+Text = Annotated[str, StringConstraints(max_length=MAX_RESULT_TEXT)]
+Note = Annotated[str, StringConstraints(max_length=MAX_REASON)]
+
+
+class Timings(BaseModel):
+    """How the batch that drafted a request went, for metrics and the audit trail."""
+
+    model_config = _LIMITED
+
+    generate_seconds: float = Field(ge=0, le=86_400)
+    batch_size: int = Field(ge=0, le=1024)  # requests generated together (0: none could run)
+    new_tokens: int = Field(ge=0, le=1_000_000)
+    worker: str = Field(max_length=255)
+    device: str = Field(max_length=64)
+
+
+class DraftResult(BaseModel):
+    """One request's result: the draft's sections, or why there is none, and who wrote it.
+
+    ``model`` is the worker's report of its model; the node checks it and names its own.
+    """
+
+    model_config = _LIMITED
+
+    request_id: str = Field(min_length=1, max_length=128)
+    ok: bool
+    findings: Text
+    impression: Text
+    reason: Note | None
+    text: Text
+    notes: list[Note] = Field(max_length=MAX_NOTES)
+    model: ModelIdentity
+    timings: Timings
+
+    @model_validator(mode="after")
+    def _outcome(self) -> DraftResult:
+        if self.ok and self.reason is not None:
+            raise ValueError("no reason with ok: true (a draft)")
+        if not self.ok and not (self.reason or "").strip():
+            raise ValueError("a reason with ok: false (a failed result says why)")
+        return self
+
+
+class ContractError(ValueError):
+    """A result that is not a DraftResult; the message names the first bad field, never a value."""
+
+
+def parse_result(value: Any) -> DraftResult:
+    """``value`` checked against the contract (raises ContractError)."""
+    try:
+        return DraftResult.model_validate(value)
+    except ValidationError as exc:
+        raise ContractError(contract_problem(exc, "result")) from None
+
+
+def contract_problem(exc: ValidationError, root: str) -> str:
+    """The first problem as ``root.field[i].key: what was expected``, plus how many more."""
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    where = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
+    if first["msg"] != message:
+        message = f"expected {message}"
+    else:
+        message = message[:1].lower() + message[1:]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def read_results(value: Any, request_ids: Collection[str]) -> dict[str, DraftResult | str]:
+    """A task's result for the requests it carried: each one's DraftResult, or why there is none.
+
+    A worker answers with one result per request. A result that breaks the contract fails only its
+    own request; a task result that is not a list of about that many fails them all.
+    """
+    expected = set(request_ids)
+    if not isinstance(value, list):
+        why = f"the task's result is not a list of results (it is {type(value).__name__})"
+        return dict.fromkeys(expected, why)
+    if len(value) > 2 * len(expected) + 8:
+        return dict.fromkeys(expected, f"the task's result has {len(value)} results for "
+                                       f"{len(expected)} request(s)")
+    found: dict[str, DraftResult | str] = {}
+    for item in value:
+        request_id = item.get("request_id") if isinstance(item, dict) else None
+        if not isinstance(request_id, str) or request_id not in expected:
+            continue  # cannot be told apart from noise: its request gets "no result" below
+        if request_id in found:
+            found[request_id] = "the worker returned two results for it"
+            continue
+        try:
+            found[request_id] = parse_result(item)
+        except ContractError as exc:
+            found[request_id] = f"the worker's result breaks the contract: {exc}"
+    return {rid: found.get(rid, "the worker returned no result for it") for rid in expected}
+

@@ -4,6 +4,12 @@ Importing this module costs no torch. The model is loaded once per worker child 
 background as the child starts, so it is warm by the first study. A missing model folder stops
 `run_worker` before it consumes anything; a model that fails to load fails each task with the
 loader's message (retrying cannot fix it).
+
+The task never retries itself: a failure of any kind fails the task, and the node, which owns
+the one retry policy (queue.max_attempts, queue.retry_delay_seconds), decides whether to submit
+the study again. Each task carries an expiry (queue.start_timeout_seconds after it was sent): a
+worker that receives it later discards it unrun, so an attempt the node has given up on never
+starts beside the next one.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import structlog
 from celery import Task, shared_task, signals
 
 from cxr_node.config import Config, default_config_path, load_config
+from cxr_node.identity import check_pinned_identity
+from cxr_node.lifetime import end_with_starter
 from workers.app import make_celery, prune_embedded
-from workers.payload import TASK_NAME, TransientDraftError
+from workers.payload import TASK_NAME
 
 if TYPE_CHECKING:
     from workers.model import ReportModel
@@ -29,8 +37,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY_SECONDS = 60.0
-RETRY_BASE_SECONDS = 5  # retries after up to 5, 10, 20 ... s (full jitter), at most 300 s
-RETRY_MAX_SECONDS = 300
 
 _config: Config | None = None
 _model: ReportModel | None = None
@@ -82,22 +88,13 @@ def _preload_model(**_: Any) -> None:
     threading.Thread(target=load, name="model-load", daemon=True).start()
 
 
-@shared_task(
-    name=TASK_NAME,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(TransientDraftError,),  # max_retries comes from queue.max_attempts (app.py)
-    retry_backoff=RETRY_BASE_SECONDS,
-    retry_backoff_max=RETRY_MAX_SECONDS,
-    retry_jitter=True,
-)
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=0)
 def draft_report(self: Task, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Draft reports for a batch of DraftRequest dicts; one DraftResult dict per request, in order.
 
-    Per-request problems come back as ok=false results. Only a transient failure (GPU out of
-    memory) raises TransientDraftError, which Celery retries with exponential backoff; a broken
-    model folder raises ModelLoadError, which retrying cannot fix.
+    Per-request problems come back as ok=false results. A transient failure (GPU out of memory:
+    TransientDraftError) or a broken model folder (ModelLoadError) fails the whole task; the node
+    decides whether the studies are submitted again.
     """
     config = worker_config()
     if not isinstance(requests, list) or not requests:
@@ -107,14 +104,6 @@ def draft_report(self: Task, requests: list[dict[str, Any]]) -> list[dict[str, A
     started = time.perf_counter()
     try:
         results = [r for i in range(0, len(requests), size) for r in model.draft(requests[i : i + size])]
-    except TransientDraftError as exc:
-        log.warning(
-            "draft batch failed, to be retried",
-            task_id=self.request.id,
-            attempt=self.request.retries + 1,
-            error=str(exc),
-        )
-        raise
     finally:
         _maybe_prune(self, config)
     log.info(
@@ -152,6 +141,7 @@ def run_worker(config: Config, concurrency: int = 1, hostname: str | None = None
     worker per GPU with CUDA_VISIBLE_DEVICES set; each process sees its GPU as cuda:0.
     """
     global _config
+    end_with_starter()  # started by the node as its local worker: end with it
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     _config = config
@@ -160,7 +150,8 @@ def run_worker(config: Config, concurrency: int = 1, hostname: str | None = None
     check_model_dir(ensure_model_dir(config))  # fail at start, not at the first study
     if config.model.adapter is not None:
         check_adapter_dir(config.model.adapter)
-    app = make_celery(config)
+    check_pinned_identity(config.model, config.model_path)  # the node would refuse every draft
+    app = make_celery(config, role="worker")
     app.conf.worker_proc_alive_timeout = 60.0
     # Celery logs each task's return value at INFO: report text has no place in the logs.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
