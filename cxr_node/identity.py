@@ -10,8 +10,8 @@ against the identity it expects, and the SR names the node's identity, never the
 * the identity of ``model.path`` computed by the node itself, when it can read that folder (one
   machine: the demo model the local worker builds on first start, or a shared model folder),
   recomputed when a file in it changes, else
-* none: the node cannot vouch for the model, takes the worker's name and version as given and
-  labels every draft a DEMO, whatever the worker says about ``demo``.
+* none: the node cannot vouch for the model; the SR names it "unverified model" and every
+  draft is a DEMO, whatever the worker says about its name or ``demo``.
 
 A worker whose fingerprint differs from the expected one has loaded another model (or other
 weights, adapter, prompt or generation settings): its draft fails with a reason saying so.
@@ -42,6 +42,7 @@ _PARTIAL_HASH_BYTES = 1 << 20  # files above 2 MiB are fingerprinted by size + f
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 LO_BYTES = 64
 DEMO_LABEL = "DEMO MODEL"
+UNVERIFIED = "unverified model"
 
 
 class IdentityError(Exception):
@@ -250,7 +251,9 @@ class ExpectedModel:
                 log.warning("model.identity_unverified", model_path=str(self.model_dir),
                             reason="model.identity is not set and model.path cannot be read "
                                    "here: every draft is labelled DEMO MODEL")
-            return reported.model_copy(update={"demo": True})
+            return ModelIdentity(name=UNVERIFIED, version=UNVERIFIED, architecture=UNVERIFIED,
+                                 quantization=self.config.quantization, adapter=None,
+                                 fingerprint=reported.fingerprint, demo=True)
         identity, source = known
         if reported.fingerprint != identity.fingerprint:
             raise IdentityError(

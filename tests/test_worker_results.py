@@ -232,12 +232,15 @@ def test_a_worker_cannot_turn_the_demo_label_off(tmp_path: Path) -> None:
     node = Node(tmp_path)
     uid = node.stable_study()
     job = node.submitted(uid)
-    node.answer(job, [result(job, model={"demo": False})])
+    node.answer(job, [result(job, model={"name": "Certified Radiologist AI", "demo": False})])
     node.steps()
     assert node.study(uid).state in (StudyState.REPORTED, StudyState.SENT), node.study(uid)
     assert DEMO_DISCLAIMER in sr_texts(node, uid)
-    [row] = node.store.db.execute("SELECT demo FROM reports")
+    [row] = node.store.db.execute("SELECT demo, path FROM reports")
     assert row["demo"] == 1
+    sr = pydicom.dcmread(row["path"])  # nor does it name the model in the SR
+    assert sr.ManufacturerModelName == "unverified model"
+    assert "Certified" not in str(sr)
 
 
 # --- the node decides what the SR says about the model -----------------------------------------
