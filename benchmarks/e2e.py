@@ -198,15 +198,15 @@ def run_mode(node: NodeProcess, db: NodeDatabase, ns_name: str, studies: list[li
 def bare_send_seconds(pacs: Orthanc, reports: Sequence[Path]) -> list[float]:
     """One association + C-STORE + release per SR by the node's own DicomStore, no outbox:
     the part of the 'send' phase that is the network and the PACS."""
-    from cxr_node.config import DicomDestination
-    from cxr_node.dispatch import make_destination
+    from cxr_node.destinations import Draft
+    from cxr_node.destinations.dicom import DicomDestination, DicomStore
 
-    store = make_destination(DicomDestination(name="pacs", ae_title=pacs.AE_TITLE,
-                                              host="127.0.0.1", port=pacs.DICOM_PORT), "CXR_NODE")
+    store = DicomStore(DicomDestination(name="pacs", ae_title=pacs.AE_TITLE, host="127.0.0.1",
+                                        port=pacs.DICOM_PORT), "CXR_NODE")
 
     def once(path: Path) -> float:
         started = time.perf_counter()
-        delivery = store.send(path)
+        delivery = store.send(Draft(path.stem, "benchmark", {"sr": path}))
         if delivery.outcome != "delivered":
             raise RuntimeError(f"Orthanc did not take {path.name}: {delivery.reason}")
         return time.perf_counter() - started

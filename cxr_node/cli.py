@@ -22,7 +22,7 @@ from cxr_node.config import (
 )
 
 if TYPE_CHECKING:
-    from cxr_node.dispatch import DicomStore
+    from cxr_node.destinations.dicom import DicomStore
 
 # `send` and `echo` talk to the single-machine node unless told otherwise.
 PEER_DEFAULTS = ("127.0.0.1", 11112, "CXR_NODE")
@@ -83,8 +83,7 @@ def _peer(args: argparse.Namespace) -> DicomStore:
     defaults (the single-machine node)."""
     from pydantic import ValidationError
 
-    from cxr_node.config import DicomDestination
-    from cxr_node.dispatch import DicomStore
+    from cxr_node.destinations.dicom import DicomDestination, DicomStore
 
     host, port, ae_title = PEER_DEFAULTS
     if args.config is not None:
@@ -115,7 +114,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from cxr_node.send import echo
+    from cxr_node.destinations.dicom import echo
 
     ok, line = echo(_peer(args))
     print(line)

@@ -517,33 +517,6 @@ class DestinationTLSConfig(TLSConfig):
         return cleaned
 
 
-class DicomDestination(_Section):
-    name: str = Field(min_length=1, max_length=64, description="name in logs and `cxr-node outbox`")
-    ae_title: AETitle = Field(description="the PACS's AE title")
-    host: str = Field(description="the PACS's address")
-    port: int = Field(ge=1, le=65535, description="the PACS's DICOM port")
-    calling_ae_title: AETitle | None = Field(None, description="our AE title there; default node.ae_title")
-    tls: DestinationTLSConfig | None = Field(None, description="DICOM TLS to this PACS")
-    timeout_seconds: float = Field(30.0, gt=0, description="association and response timeout")
-    associations: int = Field(2, ge=1, le=16, description="SRs sent to this PACS at once")
-
-    @field_validator("tls")
-    @classmethod
-    def _pacs_ca(cls, v: DestinationTLSConfig | None) -> DestinationTLSConfig | None:
-        if v is not None and v.ca_certificates is None:
-            raise ValueError("ca_certificates: the PACS's certificate must chain to a CA bundle "
-                             "you name (the system trust store is not used)")
-        return v
-
-
-class FolderDestination(_Section):
-    name: str = Field(min_length=1, max_length=64, description="name in logs and `cxr-node outbox`")
-    folder: ConfigPath = Field(description="directory the SR files are written to")
-
-
-Destination = DicomDestination | FolderDestination
-
-
 class DispatchConfig(_Section):
     max_attempts: int = Field(20, ge=1, description="sends before a report is dead-lettered")
     backoff_initial_seconds: float = Field(5.0, gt=0, description="first retry delay (doubles)")
@@ -636,7 +609,8 @@ class Config(BaseModel):
     queue: QueueConfig = QueueConfig()
     model: ModelConfig = ModelConfig()
     report: ReportConfig = ReportConfig()
-    destinations: list[Destination] = Field([], description="where draft SRs are sent (below)")
+    destinations: list[Any] = Field(
+        [], description="where drafts are sent, each a kind chosen by type: (below)")
     dispatch: DispatchConfig = DispatchConfig()
     limits: LimitsConfig = LimitsConfig()
     retention: RetentionConfig = RetentionConfig()
@@ -659,15 +633,11 @@ class Config(BaseModel):
 
     @field_validator("destinations", mode="before")
     @classmethod
-    def _destination_kind(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        for i, item in enumerate(v):
-            if isinstance(item, dict) and "folder" not in item and "ae_title" not in item:
-                raise ValueError(
-                    f"destination [{i}] to have either ae_title, host and port (DICOM) or folder"
-                )
-        return v
+    def _destinations(cls, v: Any, info: ValidationInfo) -> Any:
+        """Each entry validated by the settings of its kind (cxr_node.destinations)."""
+        from cxr_node.destinations import settings_adapter
+
+        return settings_adapter().validate_python(v, context=info.context)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -762,7 +732,12 @@ def load_config(path: Path | str, environ: dict[str, str] | None = None) -> Conf
 
 
 def _describe(path: Path, root: yaml.Node | None, err: Any) -> str:
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+    from cxr_node.destinations import KINDS
+
+    # a destination's kind is a step in pydantic's location (destinations, 0, dicom, port), not
+    # in the file
+    loc = [p for i, p in enumerate(err["loc"])
+           if not (i == 2 and err["loc"][0] == "destinations" and p in KINDS)]
     key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
     line = _line_of(root, loc)
     where = f"{path}:{line}" if line else f"{path}"
@@ -782,9 +757,6 @@ def _mask(text: str) -> str:
     error message never repeats it."""
     text = re.sub(r"(://)[^/@\s]*@", r"\1***@", text)
     return re.sub(r"([?&;][^=&;#\s]*=)[^&;#\s'\"]*", r"\1***", text)
-
-
-_UNION_TAGS = {"DicomDestination", "FolderDestination"}
 
 
 def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
@@ -833,11 +805,14 @@ def reference() -> str:
             rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | "
                         f"{(field.description or '').replace('|', '/')} |")
 
+    from cxr_node.destinations import KINDS
+
     walk(Config, "")
-    for name, model in (("destinations[] (DICOM)", DicomDestination),
-                        ("destinations[] (folder)", FolderDestination), ("tls", TLSConfig)):
-        rows.append(f"| **{name}** | | | |")
-        walk(model, f"{name.split()[0]}.")
+    for kind_name, kind in KINDS.items():
+        rows.append(f"| **destinations[] (type: {kind_name})** | | | |")
+        walk(kind.settings, "destinations[].", skip=("type",))
+    rows.append("| **tls** | | | |")
+    walk(TLSConfig, "tls.")
     rows.append("| **destinations[].tls (sending only)** | | | |")
     walk(DestinationTLSConfig, "destinations[].tls.", skip=TLSConfig.model_fields)
     return "\n".join(rows) + "\n"

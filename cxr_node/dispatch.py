@@ -1,267 +1,53 @@
-"""Dispatch: a durable outbox that delivers each draft SR to every configured destination.
+"""Dispatch: a durable outbox that delivers each draft to every configured destination.
 
-The Reporter writes the SR file, its ``reports`` row and one ``outbox`` row per destination in one
-transaction (``Outbox.enqueue``). This stage then sends each row on its own and keeps the books:
+The Reporter writes the SR file (and the renditions some destination asked for), its ``reports``
+row and one ``outbox`` row per destination in one transaction (``Outbox.enqueue``). This stage then
+sends each row on its own and keeps the books:
 
     pending --(marked before the peer is called)--> sending --> delivered
        ^                                               |------> dead (with the reason)
        '------ retry, exponential backoff -------------'
 
 A row is committed as ``sending`` before the peer hears anything, so a node killed at any moment
-finds it at the next start and sends the same file again: same SOP Instance UID, so the PACS keeps
-at most one copy, and never none. Destinations only talk to their peer and answer delivered / retry
-/ dead; the outbox owns attempts, backoff, dead letters and the study's state (``sent`` when every
-destination of its newest draft has it, ``failed`` naming the destination that gave up).
+finds it at the next start and sends the same files again: same SOP Instance UIDs (or the same
+message), so the peer keeps at most one copy, and never none. Destinations (``cxr_node.destinations``,
+one module per kind) only talk to their peer and answer delivered / retry / dead; the outbox owns
+attempts, backoff, dead letters and the study's state (``sent`` when every destination of its
+newest draft has it, ``failed`` naming the destination that gave up).
 
-Each destination has a lane of its own (a thread that drains its due rows), so a PACS that hangs
+Each destination has lanes of its own (threads that drain its due rows), so a peer that hangs
 until its timeout never delays the copy into a folder or another PACS.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import pydicom
 import structlog
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from cxr_node import audit
-from cxr_node.config import Config, DicomDestination, DispatchConfig, FolderDestination
-from cxr_node.durable import write_atomic
+from cxr_node import audit, destinations
+from cxr_node.config import Config, DispatchConfig
+from cxr_node.destinations import Delivery, Destination, Draft, Rendition
 from cxr_node.logs import study_key
 from cxr_node.store import Store, Study, StudyState
-from cxr_node.tls import PeerCheckingContext, client_context, expected_name
 
 log = structlog.get_logger("cxr_node.dispatch")
 
-Outcome = Literal["delivered", "retry", "dead"]
 RowState = Literal["pending", "sending", "delivered", "dead"]
 ROW_STATES: tuple[RowState, ...] = ("pending", "sending", "delivered", "dead")
 WAITING_OR_FAILED: tuple[RowState, ...] = ("pending", "sending", "dead")
 
 # A study failed by dispatch carries this reason prefix; `requeue` only reopens those.
 FAILED_BY_DISPATCH = "dispatch to "
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_JITTER = 0.1  # backoff is stretched by up to 10 %, so rows that failed together spread out
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What one attempt at one destination came to; ``status`` is the DIMSE status, if any."""
-
-    outcome: Outcome
-    reason: str = ""
-    status: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.outcome not in ("delivered", "retry", "dead"):
-            raise ValueError(f"outcome: expected delivered, retry or dead, got {self.outcome!r}")
-        if self.outcome != "delivered" and not self.reason:
-            raise ValueError(f"reason: a {self.outcome} delivery must say why")
-        if self.status is not None and not 0 <= self.status <= 0xFFFF:
-            raise ValueError(f"status: expected a 16-bit DIMSE status, got {self.status!r}")
-
-    @classmethod
-    def delivered(cls, status: int | None = None, reason: str = "") -> Delivery:
-        return cls("delivered", reason, status)
-
-    @classmethod
-    def retry(cls, reason: str, status: int | None = None) -> Delivery:
-        return cls("retry", reason, status)
-
-    @classmethod
-    def dead(cls, reason: str, status: int | None = None) -> Delivery:
-        return cls("dead", reason, status)
-
-    @property
-    def status_hex(self) -> str | None:
-        return None if self.status is None else f"0x{self.status:04X}"
-
-
-class Destination(Protocol):
-    """A peer that takes one SR file; it reports, the outbox decides what happens next."""
-
-    name: str
-
-    def send(self, path: Path) -> Delivery: ...
-
-
-# --- DICOM C-STORE -----------------------------------------------------------------------------
-
-
-def store_status_delivery(status: int) -> Delivery:
-    """A C-STORE response status as a delivery (PS3.4 B.2.3, PS3.7 C).
-
-    Warnings mean the PACS kept the object (perhaps coerced): delivered, with the status kept.
-    Out of resources, resource limitation and cancel pass: retry. Every other failure, and a status nobody knows,
-    will not change by sending the same file again: dead.
-    """
-    category = code_to_category(status)
-    text = f"C-STORE status 0x{status:04X} ({status_meaning(status)})"
-    if category in ("Success", "Warning"):
-        return Delivery.delivered(status, "" if category == "Success" else text)
-    if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0xFE00):
-        return Delivery.retry(text, status)
-    return Delivery.dead(text, status)
-
-
-def status_meaning(status: int) -> str:
-    """What a C-STORE status says, e.g. 'Refused: Out of Resources'; its category if unnamed."""
-    category = code_to_category(status)
-    return STORAGE_SERVICE_CLASS_STATUS.get(status, (category, ""))[1] or category
-
-
-class DicomStore:
-    """C-STORE SCU to a PACS: one association per file, the file sent as it was written."""
-
-    def __init__(self, destination: DicomDestination, node_ae_title: str):
-        self.name = destination.name
-        self.destination = destination
-        self.calling_ae = destination.calling_ae_title or node_ae_title
-        # pynetdicom sends a file's bytes unchanged only in its chunked mode, a process-wide
-        # switch; nothing in the node wants the other path (decode, then encode again).
-        _config.STORE_SEND_CHUNKED_DATASET = True
-
-    @property
-    def peer(self) -> str:
-        d = self.destination
-        return f"{d.ae_title}@{d.host}:{d.port}"
-
-    def send(self, path: Path) -> Delivery:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        sop_class = meta.MediaStorageSOPClassUID
-        stored_syntax = meta.TransferSyntaxUID
-        assoc, tls = self.associate([(sop_class, list(dict.fromkeys(
-            [stored_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))])
-        if not assoc.is_established:
-            return self.not_established(assoc, tls)
-        try:
-            return self._store(assoc, path, sop_class, stored_syntax)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-
-    def associate(self, contexts: Sequence[tuple[str, Sequence[str]]]
-                  ) -> tuple[Association, PeerCheckingContext | None]:
-        """An association with this peer, established or not, proposing ``contexts`` (abstract
-        syntax, transfer syntaxes); with the TLS context that tells how its handshake went.
-
-        The one way anything of ours connects to a destination: dispatch, and the command line's
-        send, echo and ``config check --connect``, which so prove what the node will meet.
-        """
-        ae = AE(ae_title=self.calling_ae)
-        timeout = self.destination.timeout_seconds
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        ae.connection_timeout = timeout
-        for abstract_syntax, transfer_syntaxes in contexts:
-            ae.add_requested_context(abstract_syntax, list(transfer_syntaxes))
-        tls = client_context(self.destination.tls)  # one per connection: it keeps the outcome
-        assoc = ae.associate(
-            self.destination.host, self.destination.port, ae_title=self.destination.ae_title,
-            tls_args=(tls, expected_name(self.destination)) if tls else None,
-        )
-        return assoc, tls
-
-    def not_established(self, assoc: Association, tls: PeerCheckingContext | None) -> Delivery:
-        """Why ``assoc`` did not come about, as a delivery: dead when trying again cannot help."""
-        if tls is not None and tls.failure:
-            return Delivery.retry(f"TLS: the certificate of {self.peer} was refused: {tls.failure}")
-        answer = _rejection(assoc)
-        if answer is not None:
-            why = f"association rejected by {self.peer}: {answer.reason_str} ({answer.source_str})"
-            if answer.result == 0x01:
-                return Delivery.dead(f"{why}, permanently")
-            return Delivery.retry(f"{why}, for now")
-        if assoc.rejected_contexts and not assoc.accepted_contexts:
-            offered = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
-            return Delivery.dead(f"{self.peer} accepted no presentation context for "
-                                 f"{', '.join(offered)}")
-        hint = "; with TLS, check that its certificate chains to ca_certificates" if tls else ""
-        return Delivery.retry(
-            f"no association with {self.peer}: refused, unreachable, aborted or no answer within "
-            f"{self.destination.timeout_seconds:g} s{hint}"
-        )
-
-    def _store(self, assoc: Association, path: Path, sop_class: str,
-               stored_syntax: str) -> Delivery:
-        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                    if cx.abstract_syntax == sop_class]
-        if not accepted:
-            return Delivery.dead(f"{self.peer} accepted no presentation context for the SR")
-        # As stored when the PACS took the file's own syntax; else pynetdicom re-encodes it.
-        dataset = path if stored_syntax in accepted else pydicom.dcmread(path)
-        try:
-            response = assoc.send_c_store(dataset)
-        except (RuntimeError, OSError) as exc:  # the association went away under us
-            return Delivery.retry(f"connection to {self.peer} lost while sending: {exc}")
-        if "Status" not in response:
-            return Delivery.retry(
-                f"no C-STORE response from {self.peer}: it aborted, closed the connection or "
-                f"did not answer within {self.destination.timeout_seconds:g} s"
-            )
-        return store_status_delivery(int(response.Status))
-
-
-def _rejection(assoc: Association) -> A_ASSOCIATE | None:
-    """The peer's A-ASSOCIATE-RJ, if it sent one.
-
-    pynetdicom 3.0 can lose a race against a peer that rejects at once: the connection is closed
-    before its ACSE looks, and it reports an abort with the rejection still unread in the DUL's
-    queue (about 1 in 25 tries against a local peer). Both places are looked at.
-    """
-    for answer in (assoc.acceptor.primitive, assoc.dul.peek_next_pdu()):
-        if isinstance(answer, A_ASSOCIATE) and answer.result in (0x01, 0x02):
-            return answer
-    return None
-
-
-# --- folder ------------------------------------------------------------------------------------
-
-
-class Folder:
-    """Copy into a folder (a share another system picks up), named ``<SOP Instance UID>.dcm``."""
-
-    def __init__(self, destination: FolderDestination):
-        self.name = destination.name
-        self.folder = destination.folder
-
-    def send(self, path: Path) -> Delivery:
-        uid = str(pydicom.filereader.read_file_meta_info(path).MediaStorageSOPInstanceUID)
-        if not UID_RE.fullmatch(uid):
-            return Delivery.dead("the SR's SOP Instance UID is not a valid UID")
-        target = self.folder / f"{uid}.dcm"
-        try:
-            data = path.read_bytes()
-            if target.exists():
-                if target.read_bytes() == data:
-                    return Delivery.delivered(reason="already in the folder, unchanged")
-                return Delivery.dead(f"a different file with the SR's name is already in "
-                                     f"{self.name}; left as it is")
-            write_atomic(target, data)
-        except OSError as exc:
-            return Delivery.retry(f"cannot write to the folder of {self.name}: {exc.strerror}")
-        return Delivery.delivered()
-
-
-def make_destination(destination: DicomDestination | FolderDestination,
-                     node_ae_title: str) -> Destination:
-    if isinstance(destination, DicomDestination):
-        return DicomStore(destination, node_ae_title)
-    if isinstance(destination, FolderDestination):
-        return Folder(destination)
-    raise TypeError(f"no dispatcher for a {type(destination).__name__}")
 
 
 # --- the outbox --------------------------------------------------------------------------------
@@ -302,9 +88,10 @@ class Outbox:
         self.store = store
         self.clock = clock
         self.destinations: dict[str, Destination] = {
-            d.name: make_destination(d, config.node.ae_title) for d in config.destinations
+            d.name: destinations.make(d, config.node.ae_title) for d in config.destinations
         }
-        self._lane_counts = {d.name: getattr(d, "associations", 1) for d in config.destinations}
+        self._settings = {d.name: d for d in config.destinations}
+        self._lane_counts = {d.name: d.lanes for d in config.destinations}
         self._lanes: dict[tuple[str, int], threading.Thread] = {}
         self._lock = threading.Lock()
         self._sending: set[int] = set()  # rows a lane of this process is sending right now
@@ -426,16 +213,34 @@ class Outbox:
                       study=row["study_key"] or study_key(row["study_uid"]),
                       destination=name, attempts=row["attempts"] + 1, path=row["path"])
 
+    def _draft(self, claim: _Claim) -> Draft:
+        """The claimed draft's documents: the SR, and the renditions built for it."""
+        documents: dict[Rendition, Path] = {}
+        if claim.path is not None:
+            documents["sr"] = Path(claim.path)
+        for row in self.store.db.execute(
+                "SELECT rendition, path FROM documents WHERE sr_uid = ?", (claim.sr_uid,)):
+            documents[row["rendition"]] = Path(row["path"])
+        return Draft(claim.sr_uid, claim.study, documents)
+
     def _send(self, claim: _Claim) -> Delivery:
         destination = self.destinations.get(claim.destination)
         if destination is None:
             return Delivery.dead(f"destination {claim.destination} is no longer configured")
-        if claim.path is None or not Path(claim.path).is_file():
-            return Delivery.dead("the SR file is missing from the reports folder")
+        draft = self._draft(claim)
+        wanted = getattr(self._settings[claim.destination], "renditions", ("sr",))
+        lacking = [r for r in wanted if r not in draft.documents]
+        if lacking:  # a destination that asked for a rendition after this draft was built
+            return Delivery.dead(f"the draft has no {', '.join(lacking)} rendition: it was "
+                                 "built before the destination asked for it")
+        missing = [r for r, path in draft.documents.items() if not path.is_file()]
+        if "sr" not in draft.documents or missing:
+            return Delivery.dead(f"the {', '.join(missing) or 'sr'} file is missing from the "
+                                 "reports folder")
         try:
-            return destination.send(Path(claim.path))
+            return destination.send(draft)
         except pydicom.errors.InvalidDicomError:
-            return Delivery.dead("the SR file is not readable as DICOM")
+            return Delivery.dead("a file of the draft is not readable as DICOM")
         except Exception as exc:  # a destination's bug must not stop the lane; retries are bounded
             log.exception("outbox.send_error", destination=claim.destination, study=claim.study)
             return Delivery.retry(f"unexpected {type(exc).__name__} while sending")

@@ -96,7 +96,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import MAX_VALUE_LEN, VALIDATORS
 
-from cxr_node import __version__, audit
+from cxr_node import __version__, audit, renditions
 from cxr_node.config import Config, LimitsConfig, ReportConfig
 from cxr_node.durable import write_atomic
 from cxr_node.identity import DEMO_LABEL, ModelIdentity
@@ -709,6 +709,7 @@ class Reporter:
                                 supersedes=Path(earlier["path"]) if earlier else None)
             path = self.config.reports_dir / study.study_key / f"{ds.SOPInstanceUID}.dcm"
             write_sr(ds, path)
+            documents = self._renditions(ds, study)
         except (ReportError, ValidationError) as exc:
             if isinstance(exc, ValidationError):  # a job row this node wrote: never expected
                 exc = ReportError(f"the stored draft is unreadable: {contract_problem(exc, 'result')}")
@@ -725,11 +726,30 @@ class Reporter:
                    supersedes, demo, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 (ds.SOPInstanceUID, study.study_uid, study.revision, job["id"], str(path),
                  earlier["path"] if earlier else None, int(draft.model.demo), self.clock()))
+            db.executemany(
+                """INSERT OR IGNORE INTO documents (sop_instance_uid, sr_uid, study_uid, rendition,
+                   path, created_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                [(uid, ds.SOPInstanceUID, study.study_uid, rendition, str(where), self.clock())
+                 for rendition, uid, where in documents])
             self.outbox.enqueue(db, sr_uid=ds.SOPInstanceUID, study_uid=study.study_uid,
                                 destinations=[d.name for d in self.config.destinations])
         log.info("study.state", study=study.study_key, revision=study.revision, state="reported",
                  demo=draft.model.demo, destinations=len(self.config.destinations))
         audit.study_state(study, StudyState.REPORTED, sr_uid=ds.SOPInstanceUID,
                           demo=draft.model.demo, supersedes=earlier is not None,
+                          renditions=[rendition for rendition, _, _ in documents] or None,
                           destinations=[d.name for d in self.config.destinations])
         return 1
+
+    def _renditions(self, sr: Dataset, study: Study) -> list[tuple[str, str, Path]]:
+        """Build and write the renditions some destination asks for: (rendition, UID, file)."""
+        built = []
+        for rendition in renditions.needed(self.config.destinations):
+            builder = renditions.BUILDERS.get(rendition)
+            if builder is None:
+                raise ReportError(f"rendition {rendition}: this node cannot build it")
+            document = builder(sr, self.config.report)
+            path = self.config.reports_dir / study.study_key / f"{document.SOPInstanceUID}.dcm"
+            write_sr(document, path)
+            built.append((rendition, str(document.SOPInstanceUID), path))
+        return built

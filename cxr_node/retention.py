@@ -8,8 +8,8 @@ unmanaged archive of every chest X-ray, until its disk filled. The policy (``ret
   left to send; its age counts from then. Studies still in work are never touched.
 - ``images_days`` after it finished, its spooled images are deleted with their index rows. A late
   instance of that study starts a new revision drafted from the images then present.
-- ``studies_days`` after it finished, the rest goes: its draft SR files and every row of it
-  (study, transitions, jobs with the draft text, reports, outbox).
+- ``studies_days`` after it finished, the rest goes: its draft SR files (and their PDF and page
+  renditions) and every row of it (study, transitions, jobs with the draft text, reports, outbox).
 - Quarantined datasets go after ``quarantine_days``, and the oldest first while the folder holds
   more than ``quarantine_max_mb``.
 - The audit trail is not purged: it is the record of what was received, drafted, sent and purged,
@@ -40,7 +40,7 @@ log = structlog.get_logger("cxr_node.retention")
 DAY = 86400.0
 FINISHED = """(s.state IN ('sent', 'skipped', 'failed') OR (s.state = 'reported' AND NOT EXISTS (
     SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.state IN ('pending', 'sending'))))"""
-STUDY_TABLES = ("instances", "transitions", "jobs", "reports", "outbox", "studies")
+STUDY_TABLES = ("instances", "transitions", "jobs", "documents", "reports", "outbox", "studies")
 
 What = Literal["images", "study"]
 
@@ -134,7 +134,9 @@ class Retention:
             "SELECT path FROM instances WHERE study_uid = ?", (study_uid,))]
         if what == "study":
             files += [Path(r["path"]) for r in db.execute(
-                "SELECT path FROM reports WHERE study_uid = ?", (study_uid,))]
+                """SELECT path FROM reports WHERE study_uid = ?
+                   UNION ALL SELECT path FROM documents WHERE study_uid = ?""",
+                (study_uid, study_uid))]
         return files
 
     def _quarantine_due(self, now: float) -> list[QuarantinePurge]:

@@ -15,11 +15,8 @@ or why it was not sent; the caller exits non-zero when any file was not stored.
 from __future__ import annotations
 
 import os
-import ssl
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -32,11 +29,10 @@ from pydicom.uid import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import Verification
 
-from cxr_node.config import Config, ConfigError, DicomDestination, FolderDestination
-from cxr_node.dispatch import DicomStore, status_meaning, store_status_delivery
-from cxr_node.durable import write_atomic
+from cxr_node import destinations
+from cxr_node.config import Config, ConfigError
+from cxr_node.destinations.dicom import DicomStore, status_meaning, store_status_delivery
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # presentation contexts in one association (PS3.8 9.3.2.2: odd IDs 1 to 255)
@@ -265,74 +261,18 @@ def _uncompressed_copy(path: Path) -> Dataset:
     return ds
 
 
-# --- C-ECHO and certificates ---------------------------------------------------------------------
-
-
-def echo(store: DicomStore) -> tuple[bool, str]:
-    """C-ECHO the peer: whether it answered Success, and a line that says how it went."""
-    started = time.monotonic()
-    assoc, tls = store.associate([(Verification, [ImplicitVRLittleEndian])])
-    if not assoc.is_established:
-        return False, f"C-ECHO {store.peer}: FAILED: {store.not_established(assoc, tls).reason}"
-    try:
-        response = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    took = f"{(time.monotonic() - started) * 1000:.0f} ms"
-    certificate = f"; {describe_certificate(tls.peer_certificate)}" if tls else ""
-    if "Status" not in response:
-        return False, f"C-ECHO {store.peer}: FAILED: no response within {took}{certificate}"
-    status = int(response.Status)
-    line = f"0x{status:04X} {status_meaning(status)} in {took}"
-    return status == 0, f"C-ECHO {store.peer}: {line}{certificate}"
-
-
-def describe_certificate(certificate: dict[str, object] | None, now: float | None = None) -> str:
-    """The TLS peer's certificate as IT checks it: subject, issuer, expiry and days left."""
-    if not certificate:
-        return "TLS peer certificate: none seen"
-
-    def name(field: str) -> str:
-        rdns = certificate.get(field) or ()
-        return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn) or "(empty)"  # type: ignore[union-attr]
-
-    expires = ssl.cert_time_to_seconds(str(certificate["notAfter"]))
-    days = (expires - (time.time() if now is None else now)) / 86400
-    when = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    left = f"EXPIRED {-days:.0f} days ago" if days < 0 else f"{days:.0f} days left"
-    return f"TLS peer certificate: subject {name('subject')}; issuer {name('issuer')}; " \
-           f"expires {when} ({left})"
-
-
-
 def check_connections(config: Config) -> Iterator[tuple[bool, str]]:
-    """Prove each connection the node will make, as it will make it: C-ECHO every DICOM
-    destination (its AE titles, timeout and TLS), write and remove a file in every folder
-    destination, and ask the broker. One (ok, line) each."""
-    for destination in config.destinations:
-        where = f"destination {destination.name}"
-        if isinstance(destination, DicomDestination):
-            try:
-                ok, line = echo(DicomStore(destination, config.node.ae_title))
-            except ConfigError as exc:  # a TLS file that cannot be read
-                ok, line = False, f"TLS files: {exc}"
-            yield ok, f"{where}: {line}"
-        elif isinstance(destination, FolderDestination):
-            yield _write_test(where, destination.folder)
+    """Prove each connection the node will make, as it will make it: each destination's own
+    check (a C-ECHO with its AE titles, timeout and TLS; a test write to a folder; ...), then the
+    broker. One (ok, line) each."""
+    for settings in config.destinations:
+        try:
+            checks = list(destinations.make(settings, config.node.ae_title).check())
+        except ConfigError as exc:  # a TLS file that cannot be read
+            checks = [destinations.Check(False, f"TLS files: {exc}")]
+        for check in checks:
+            yield check.ok, f"destination {settings.name}: {check.line}"
     yield _broker(config)
-
-
-def _write_test(where: str, folder: Path) -> tuple[bool, str]:
-    probe = folder / f".cxr-node-write-test-{os.getpid()}"
-    existed = folder.is_dir()
-    try:
-        write_atomic(probe, b"")  # as the SR files are written, creating the folder if need be
-        probe.unlink()
-    except OSError as exc:
-        return False, f"{where}: cannot write to {folder}: {exc.strerror or exc}"
-    made = "" if existed else " (it did not exist: made it 0700, as the node would)"
-    return True, f"{where}: {folder} is writable{made}"
 
 
 def _broker(config: Config) -> tuple[bool, str]:

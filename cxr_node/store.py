@@ -142,6 +142,15 @@ CREATE TABLE IF NOT EXISTS reports (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reports_by_study ON reports (study_uid);
+CREATE TABLE IF NOT EXISTS documents (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sr_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    rendition TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_by_sr ON documents (sr_uid);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     sr_uid TEXT NOT NULL,

@@ -34,7 +34,6 @@ from cxr_node.config import (
     Config,
     ConfigError,
     DestinationTLSConfig,
-    DicomDestination,
     TLSConfig,
 )
 
@@ -182,12 +181,6 @@ def client_context(tls: DestinationTLSConfig | None) -> PeerCheckingContext | No
     return ctx
 
 
-def expected_name(destination: DicomDestination) -> str:
-    """The name (or IP address) the destination's certificate must carry."""
-    tls = destination.tls
-    return (tls.server_name if tls and tls.server_name else destination.host)
-
-
 def complete_handshake(sock: ssl.SSLSocket, timeout: float) -> str | None:
     """Finish a server-side handshake within ``timeout``; None, or why it failed (for the log).
 
@@ -212,5 +205,6 @@ def check_tls_files(config: Config) -> None:
     """Load every certificate and key the node will use, so a bad file stops it at start."""
     server_context(config.node.tls)
     for destination in config.destinations:
-        if isinstance(destination, DicomDestination):
-            client_context(destination.tls)
+        tls = getattr(destination, "tls", None)
+        if isinstance(tls, DestinationTLSConfig):
+            client_context(tls)

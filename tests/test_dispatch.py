@@ -36,16 +36,11 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, CTImageStorage
 from sr_validation import assert_valid_sr
 from test_report import MULTILINGUAL, worker_result
 
+from cxr_node import destinations
 from cxr_node.config import Config, ReportConfig, load_config
-from cxr_node.dispatch import (
-    Delivery,
-    Outbox,
-    OutboxRow,
-    backoff_seconds,
-    outbox_rows,
-    requeue,
-    store_status_delivery,
-)
+from cxr_node.destinations import Delivery
+from cxr_node.destinations.dicom import store_status_delivery
+from cxr_node.dispatch import Outbox, OutboxRow, backoff_seconds, outbox_rows, requeue
 from cxr_node.report import DraftReport, build_draft_sr, write_sr
 from cxr_node.store import InstanceRecord, Store, StudyState
 
@@ -83,6 +78,11 @@ class Draft:
     study_uid: str
     findings: str
     impression: str
+
+
+def as_draft(draft: Draft) -> destinations.Draft:
+    """The draft as the outbox hands it to a destination: its SR only."""
+    return destinations.Draft(draft.sr_uid, "study", {"sr": draft.path})
 
 
 def make_sr(directory: Path, image: Path, tag: str, findings: str | None = None,
@@ -578,12 +578,12 @@ def test_folder_copy_is_private_and_a_resend_changes_nothing(
 
     # the same SR again (a re-send after a crash): delivered, the copy untouched
     before = copy.stat()
-    assert outbox.destinations["share"].send(draft.path).outcome == "delivered"
+    assert outbox.destinations["share"].send(as_draft(draft)).outcome == "delivered"
     assert copy.stat().st_mtime_ns == before.st_mtime_ns and copy.stat().st_ino == before.st_ino
 
     # a different file under that name is never overwritten: dead letter, file left as it was
     copy.write_bytes(b"someone else's file")
-    delivery = outbox.destinations["share"].send(draft.path)
+    delivery = outbox.destinations["share"].send(as_draft(draft))
     assert delivery.outcome == "dead" and "left as it is" in delivery.reason
     assert copy.read_bytes() == b"someone else's file"
 

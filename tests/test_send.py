@@ -19,7 +19,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from samples import wg04
 from test_tls import make_identity
 
-from cxr_node.send import describe_certificate
+from cxr_node.destinations.dicom import describe_certificate
 
 # One sample per transfer syntax (tests/samples.py says what each is).
 SAMPLES = {

@@ -27,14 +27,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from cxr_node.audit import read_trail
-from cxr_node.config import (
-    ConfigError,
-    DestinationTLSConfig,
-    DicomDestination,
-    TLSConfig,
-    load_config,
-)
-from cxr_node.dispatch import DicomStore
+from cxr_node.config import ConfigError, DestinationTLSConfig, TLSConfig, load_config
+from cxr_node.destinations import Draft
+from cxr_node.destinations.dicom import DicomDestination, DicomStore
 from cxr_node.tls import TLS12_CIPHERS, client_context, server_context
 
 STORESCP = "/usr/bin/storescp"
@@ -333,7 +328,7 @@ def send_to(ns: NetworkNamespace, tls: TLSConfig, image: Path):
     store = DicomStore(DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1",
                                         port=TlsStorescp.PORT, tls=tls, timeout_seconds=10),
                        "CXR_NODE")
-    return ns.call(store.send, image)
+    return ns.call(store.send, Draft("1.2.3", "study", {"sr": image}))
 
 
 @pytest.mark.parametrize("pacs_is_ours", [True, False], ids=["our-ca", "stranger"])
