@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from common import (
     MIB,
     add_common_options,
@@ -53,9 +51,13 @@ from common import (
     wait_for_quiet,
 )
 
+from workers.model import MANIFEST_NAME, ReportModel, load_model  # first: Hugging Face offline
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from cxr_node.config import GenerationConfig, ModelConfig  # noqa: E402
 from cxr_node.logs import configure_logging  # noqa: E402
-from workers.model import MANIFEST_NAME, ReportModel, load_model  # first: Hugging Face offline
 from workers.payload import DraftRequest, encode_image  # noqa: E402
 
 # MedGemma 4B (= Gemma 3 4B) as published in its config.json.

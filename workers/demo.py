@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from workers.model import MANIFEST_NAME  # first: it puts the Hugging Face libraries offline
+
 import torch  # noqa: E402, I001
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
@@ -25,8 +27,6 @@ from transformers import (  # noqa: E402
     SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil  # noqa: E402
-
-from workers.model import MANIFEST_NAME  # first: it puts the Hugging Face libraries offline
 
 DEMO_MANIFEST = {"name": "cxr-node DEMO (random weights)", "version": "demo-1", "demo": True}
 DEMO_SEED = 20240601
