@@ -37,6 +37,15 @@ PROPOSE = {
 }
 
 
+def accepts(port: int, timeout: float = 1.0) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (of the caller's network namespace)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,12 +4,11 @@ config/redis-users.acl (node and workers each with their own password), as produ
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 from pathlib import Path
 
 import redis
-from nodeproc import free_port, wait_for
+from nodeproc import accepts, free_port, wait_for
 
 from cxr_node.config import BROKER_PASSWORD_ENV, WORKER_BROKER_PASSWORD_ENV
 
@@ -50,16 +49,9 @@ class RedisServer:
         else:
             args += ["--port", str(self.port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        if not wait_for(self._listening, 10):
+        if not wait_for(lambda: accepts(self.port, timeout=0.2), 10):
             self.close()
             raise TimeoutError("redis-server did not start")
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
 
     def client(self, user: str = "admin", password: str = "admin-secret") -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, username=user, password=password,

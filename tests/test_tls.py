@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicomgen import make_cxr
-from nodeproc import NodeProcess, parse_storescu, run_storescu, wait_for, write_config
+from nodeproc import NodeProcess, accepts, parse_storescu, run_storescu, wait_for, write_config
 from pacs import NetworkNamespace
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -303,15 +303,8 @@ class TlsStorescp:
                 STORESCP, "-v", "+tls", str(identity.key), str(identity.cert), "+cf", str(ca),
                 "-aet", "PACS", "-od", str(self.received), str(self.PORT)]),
                 stdout=log, stderr=subprocess.STDOUT)
-        if not wait_for(lambda: ns.call(self._listening) or self.proc.poll() is not None, 20):
+        if not wait_for(lambda: ns.call(accepts, self.PORT) or self.proc.poll() is not None, 20):
             raise TimeoutError(self.log.read_text())
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.PORT), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
     def close(self) -> None:
         self.proc.terminate()
