@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=30)
 
     p = command("outbox", cmd_outbox, "list draft reports waiting to be sent, or dead-lettered")
-    p.add_argument("--state", action="append", choices=["pending", "sending", "dead", "delivered"],
+    p.add_argument("--state", action="append", choices=["pending", "sending", "dead", "delivered", "superseded"],
                    help="only rows in this state (repeatable); default: all but delivered")
     p = command("requeue", cmd_requeue, "send dead-lettered reports again")
     p.add_argument("id", nargs="?", type=int, help="outbox row id (from `cxr-node outbox`)")

@@ -478,6 +478,19 @@ class ReportConfig(_Section):
         None, description="your organisation's UID root; default: pydicom's root"
     )
     manufacturer: str = Field("cxr-node", max_length=64, description="Manufacturer in the SR")
+    pdf_fonts: list[ConfigPath] = Field(
+        [Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+         Path("/usr/share/fonts/opentype/ipafont-gothic/ipagp.ttf"),
+         Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")],
+        min_length=1, max_length=16,
+        description="font files (TrueType/OpenType) of the pdf and page renditions: each "
+                    "character is drawn with the first that has it, and a draft with a character "
+                    "none has gets no rendition (a reason names it); default: Debian's "
+                    "fonts-dejavu-core, fonts-ipafont-gothic, fonts-noto-color-emoji")
+    pdf_bold_font: ConfigPath = Field(
+        Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"),
+        description="bold font of the labels and headings in the pdf and page renditions; "
+                    "characters it lacks come from pdf_fonts")
 
     @field_validator("uid_root")
     @classmethod
@@ -688,6 +701,12 @@ def broker_password(role: Literal["node", "worker"] = "node") -> str | None:
     """
     credential, env = ((BROKER_PASSWORD_CREDENTIAL, BROKER_PASSWORD_ENV) if role == "node"
                        else (WORKER_BROKER_PASSWORD_CREDENTIAL, WORKER_BROKER_PASSWORD_ENV))
+    return read_secret(credential, env)
+
+
+def read_secret(credential: str, env: str) -> str | None:
+    """A secret: the systemd credential of that name ($CREDENTIALS_DIRECTORY) when the service
+    has it, else the environment variable ``env`` (tests, runs without systemd). Never YAML."""
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         cred = Path(cred_dir) / credential
@@ -831,7 +850,7 @@ def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("NoneType", "null")
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
     text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
-    text = re.sub(r"\bcxr_node\.config\.", "", text)
+    text = re.sub(r"\bcxr_node\.[\w.]*\.(?=[A-Z])", "", text)  # a class, not its module
     text = re.sub(r"Optional\[(.*)\]", r"\1 | null", text)
     text = re.sub(r"Literal\[(.*)\]", lambda m: m.group(1).replace("'", "").replace(", ", " / "), text)
     return text.replace(" | None", " | null").replace("|", "or")

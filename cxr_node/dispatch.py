@@ -37,12 +37,13 @@ from cxr_node import audit, destinations
 from cxr_node.config import Config, DispatchConfig
 from cxr_node.destinations import Delivery, Destination, Draft, Rendition
 from cxr_node.logs import study_key
+from cxr_node.report import draft_note
 from cxr_node.store import Store, Study, StudyState
 
 log = structlog.get_logger("cxr_node.dispatch")
 
-RowState = Literal["pending", "sending", "delivered", "dead"]
-ROW_STATES: tuple[RowState, ...] = ("pending", "sending", "delivered", "dead")
+RowState = Literal["pending", "sending", "delivered", "dead", "superseded"]
+ROW_STATES: tuple[RowState, ...] = ("pending", "sending", "delivered", "dead", "superseded")
 WAITING_OR_FAILED: tuple[RowState, ...] = ("pending", "sending", "dead")
 
 # A study failed by dispatch carries this reason prefix; `requeue` only reopens those.
@@ -188,9 +189,22 @@ class Outbox:
             self.store.close()  # this thread's connection
 
     def _claim(self, name: str) -> _Claim | None:
-        """Mark the destination's oldest due row 'sending' and commit before any peer hears of it."""
+        """Mark the destination's oldest due row 'sending' and commit before any peer hears of it.
+
+        A row still waiting for a draft that a newer draft of its study has replaced is not sent
+        at all ('superseded'): sent late, it would land after the newer one, and a RIS that keeps
+        the last result of an order would show the older draft.
+        """
         now = self.clock()
         with self.store.transaction() as db:
+            retired = db.execute(
+                """UPDATE outbox SET state = 'superseded', updated_at = ?,
+                   reason = 'a newer draft of the study replaces it' WHERE destination = ?
+                   AND state = 'pending' AND EXISTS (
+                       SELECT 1 FROM reports mine JOIN reports newer
+                       ON newer.study_uid = mine.study_uid AND newer.revision > mine.revision
+                       WHERE mine.sr_uid = outbox.sr_uid)
+                   RETURNING study_uid, sr_uid""", (now, name)).fetchall()
             row = db.execute(
                 """SELECT o.id, o.sr_uid, o.study_uid, o.destination, o.attempts, r.path,
                           s.study_key
@@ -200,35 +214,50 @@ class Outbox:
                    ORDER BY o.next_attempt_at, o.id LIMIT 1""",
                 (name, now),
             ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                """UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?
-                   WHERE id = ?""",
-                (now, row["id"]),
-            )
-            with self._lock:
-                self._sending.add(row["id"])
+            if row is not None:
+                db.execute(
+                    """UPDATE outbox SET state = 'sending', attempts = attempts + 1,
+                       updated_at = ? WHERE id = ?""",
+                    (now, row["id"]),
+                )
+                with self._lock:
+                    self._sending.add(row["id"])
+        for old in retired:
+            log.info("outbox.superseded", destination=name, study=study_key(old["study_uid"]))
+            audit.record("outbox.superseded", old["study_uid"], destination=name,
+                         sr_uid=old["sr_uid"], reason="a newer draft of the study replaces it")
+        if row is None:
+            return None
         return _Claim(id=row["id"], sr_uid=row["sr_uid"], study_uid=row["study_uid"],
                       study=row["study_key"] or study_key(row["study_uid"]),
                       destination=name, attempts=row["attempts"] + 1, path=row["path"])
 
-    def _draft(self, claim: _Claim) -> Draft:
-        """The claimed draft's documents: the SR, and the renditions built for it."""
+    def _draft(self, claim: _Claim) -> tuple[Draft, dict[str, str]]:
+        """The claimed draft's documents (the SR, and the renditions built for it), and why any
+        rendition could not be built."""
         documents: dict[Rendition, Path] = {}
+        problems: dict[str, str] = {}
         if claim.path is not None:
             documents["sr"] = Path(claim.path)
         for row in self.store.db.execute(
-                "SELECT rendition, path FROM documents WHERE sr_uid = ?", (claim.sr_uid,)):
-            documents[row["rendition"]] = Path(row["path"])
-        return Draft(claim.sr_uid, claim.study, documents)
+                "SELECT rendition, path, problem FROM documents WHERE sr_uid = ?",
+                (claim.sr_uid,)):
+            if row["path"]:
+                documents[row["rendition"]] = Path(row["path"])
+            else:
+                problems[row["rendition"]] = row["problem"]
+        return Draft(claim.sr_uid, claim.study, documents), problems
 
     def _send(self, claim: _Claim) -> Delivery:
         destination = self.destinations.get(claim.destination)
         if destination is None:
             return Delivery.dead(f"destination {claim.destination} is no longer configured")
-        draft = self._draft(claim)
+        draft, problems = self._draft(claim)
         wanted = getattr(self._settings[claim.destination], "renditions", ("sr",))
+        failed = [f"the {r} rendition could not be built: {problems[r]}"
+                  for r in wanted if r in problems]
+        if failed:
+            return Delivery.dead("; ".join(failed))
         lacking = [r for r in wanted if r not in draft.documents]
         if lacking:  # a destination that asked for a rendition after this draft was built
             return Delivery.dead(f"the draft has no {', '.join(lacking)} rendition: it was "
@@ -313,7 +342,9 @@ class Outbox:
                 f"{FAILED_BY_DISPATCH}{claim.destination} failed: {delivery.reason}")
         elif db.execute("SELECT COUNT(*) FROM outbox WHERE sr_uid = ? AND state != 'delivered'",
                         (claim.sr_uid,)).fetchone()[0] == 0:
-            to, reason = StudyState.SENT, None
+            # sent keeps what the report stage noted about the draft (values copied as they are)
+            to, reason = StudyState.SENT, draft_note(self.store.history(study.study_uid),
+                                                     study.revision)
         else:
             return None
         return (study, to, reason) if self.store.transition(db, study, to, reason, now) else None

@@ -79,6 +79,12 @@ def quiet_libraries() -> None:
     # pynetdicom logs every PDU, highdicom every copied dataset's UID, at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # fontTools' subsetter lists the glyphs of every PDF rendition (what its text uses) at INFO.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
+    # dicomweb-client logs a server's Warning header as it comes, and its retrying library each
+    # failed request with a traceback: a delivery's reason says what happened, once.
+    logging.getLogger("dicomweb_client").setLevel(logging.ERROR)
+    logging.getLogger("retrying").setLevel(logging.ERROR)
     # pydicom's reading checks warn with the offending value (a name, a birth date) quoted.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -38,19 +38,45 @@ fingerprint, revision); Series Instance UID from (study, series number, UID root
 drafts of a study; Device Observer UID from the model fingerprint. InstanceNumber is the revision.
 Rebuilding gives the same UIDs but new creation and content times: re-send the written file.
 
-Source values (rule for identifying values that are not valid DICOM, e.g. ``966_fixed.dcm``):
+Source values (the rule for values the images carry, valid DICOM or not, e.g. an export whose
+AccessionNumber has 56 characters where SH allows 16 and whose birth date is a hash):
 
-* Values that tie the report to the patient and the order are copied verbatim or not at all:
-  StudyInstanceUID, PatientID, IssuerOfPatientID, PatientName and AccessionNumber. If one of them
-  is not a valid value for its VR, the draft fails with a ReportError naming the image (by its
-  handle: instance row id and view, never the file name, which can hold a UID), the attribute and
-  the reason (never the value); an admin fixes the source or the study stays
-  undrafted. Study Instance UID, Patient ID and Issuer must also agree across all images.
-  (``966_fixed.dcm`` fails here: its AccessionNumber has 56 characters, SH allows 16.)
+* Values that file the report beside its images are copied from the images unchanged, also when
+  they are not valid for their VR (too long, control characters, a backslash that makes two
+  values, a malformed person name): PatientID, IssuerOfPatientID, PatientName, AccessionNumber
+  (IDENTIFYING). The PACS filed the images under these values; a draft under repaired ones
+  would be filed elsewhere, or refused. Unchanged means the same text: no
+  truncation, no repair, no re-formatting, in the element of the dictionary VR. The SR is
+  ISO_IR 192, so a value from a source in another Specific Character Set is decoded with that
+  character set and written as the same text in UTF-8 (a Latin-1 "Müller" arrives as "Müller").
+  Bytes above 0x7F with no character set that defines them (none declared, or only the default
+  repertoire) are read as ISO 8859-1, as pydicom and Orthanc read them, and count as not
+  conformant. The UIDs that tie the draft to the study (StudyInstanceUID, and the Series and SOP
+  Instance UIDs of the evidence) are copied unchanged too, and are valid: the receiver refuses
+  (0xC000) an image whose UIDs break PS3.5, and this stage refuses one as well.
+* The draft fails (ReportError naming the image by its handle, never the file name, which can hold
+  a UID, nor the value) only where no unchanged copy exists: bytes that are not text in the
+  declared character set (the text is unknown, and a guess would be another identifier), a
+  Specific Character Set DICOM does not define, or a value longer than MAX_INHERITED_CHARACTERS
+  (no PACS files an identifier that long: it is an attack, not an export). Study Instance UID,
+  Patient ID and Issuer must also agree across all images: a draft never mixes two patients.
+* Each identifying value that is not conformant is said, never repeated: a
+  ``report.inherited_nonconformant`` warning (attribute, VR, reason, image handle), a line in the
+  report's Comment section, ``inherited_nonconformant(sr)``, the study's reason in `cxr-node
+  status` ("draft SR built; source values not valid DICOM, copied unchanged: AccessionNumber (SH):
+  56 characters, at most 16", kept once it is sent) and the ``nonconformant_source_values`` of its
+  ``study.reported`` audit record. dciodvfy reports errors on those values and on nothing else.
+* Everything the node writes itself stays conformant: write_sr checks every value against its VR
+  and lets through only the top-level elements build_draft_sr copied unchanged, each while it
+  holds exactly the source's value (by keyword, VR and value, not by switching checks off), so a
+  bad configured institution name, a control character in the text or another over-long
+  accession still stops the SR before anything is written. A rendition carries the same inherited
+  values and is checked against its SR's record.
 * Optional descriptive values (PatientBirthDate, PatientSex, StudyDate, StudyTime, StudyID,
   ReferringPhysicianName, StudyDescription) that are not valid are left empty (Type 2) or out
-  (Type 3), never rewritten. Each omission is logged (attribute and reason, no value) and listed
-  in the report's Comment section, so the reader knows the SR differs from the image on purpose.
+  (Type 3), never rewritten. Each omission is logged (``report.source_value_omitted``: attribute
+  and reason, no value) and listed in the report's Comment section, so the reader knows the SR
+  differs from the image on purpose; a hashed birth date is not a date and is left out.
 
 Model text is normalised once, in DraftReport: outer whitespace is stripped (DICOM drops trailing
 spaces on reading anyway) and each TAB becomes a space (text VRs allow only CR, LF and FF as
@@ -89,6 +115,10 @@ from highdicom.sr import (
     TextContentItem,
 )
 from pydantic import ValidationError
+from pydicom import config as pydicom_config
+from pydicom.charset import default_encoding, python_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -118,8 +148,12 @@ SERIES_LABEL = "AI DRAFT — NOT VERIFIED"
 COMPLETION_DESCRIPTION = "Machine-generated draft; requires radiologist review"
 DEMO_COMPLETION_DESCRIPTION = "DEMO MODEL, not a clinical report; machine-generated draft"
 
-# Copied verbatim or the draft fails: these route the report to the patient and the order.
+# Copied from the images unchanged, valid or not: the PACS filed the images under these values.
 IDENTIFYING = ("PatientID", "IssuerOfPatientID", "PatientName", "AccessionNumber")
+# Longer than any identifier a PACS files (a PN is at most 3 groups of 64 characters).
+MAX_INHERITED_CHARACTERS = 1024
+# How the study's reason (and `cxr-node status`) introduces the values copied unchanged.
+NONCONFORMANT_NOTE = "source values not valid DICOM, copied unchanged: "
 # Must be equal on every source image: a draft describes one patient's one study.
 MUST_AGREE = ("StudyInstanceUID", "PatientID", "IssuerOfPatientID")
 # Copied when valid, left empty (Type 2) or out (Type 3) when not.
@@ -140,6 +174,10 @@ STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", 
 TEXT_VRS = {"LT", "ST", "UT"}  # may hold CR, LF, FF and backslashes
 # Text VRs allow CR, LF and FF; TAB is rewritten to a space; every other control is refused.
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+# Embeddings, overrides and isolates reorder how text is shown (the PDF, a viewer), so that it
+# reads differently from what it says; right-to-left scripts need none of them.
+DIRECTION_CONTROL = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+ESC = b"\x1b"  # starts an ISO 2022 escape sequence: a change of character set inside a value
 
 
 DEFAULT_MAX_DRAFT_CHARACTERS: int = LimitsConfig.model_fields["max_draft_characters"].default
@@ -147,6 +185,46 @@ DEFAULT_MAX_DRAFT_CHARACTERS: int = LimitsConfig.model_fields["max_draft_charact
 
 class ReportError(Exception):
     """The draft cannot become an SR; the message says why, without patient identifiers."""
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """An identifying value the SR carries unchanged from the images although it is not valid for
+    its VR. ``note`` says what is wrong and never shows ``value``, which only write_sr compares."""
+
+    keyword: str
+    vr: str
+    reason: str
+    value: Any = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.keyword not in IDENTIFYING:
+            raise ValueError(f"keyword: only {IDENTIFYING} are copied unchanged, not "
+                             f"{self.keyword!r}")
+
+    @property
+    def note(self) -> str:
+        return f"{self.keyword} ({self.vr}): {self.reason}"
+
+
+_INHERITED = "_inherited_nonconformant"  # where build_draft_sr records them on the SR dataset
+
+
+def inherited_nonconformant(ds: Dataset) -> tuple[Inherited, ...]:
+    """The values build_draft_sr copied into ``ds`` unchanged although they are not valid DICOM."""
+    return getattr(ds, _INHERITED, ())
+
+
+def draft_note(history: Iterable[Mapping[str, Any]], revision: int) -> str | None:
+    """What the report stage said about the source values of the draft of ``revision``, if
+    anything: the note of its first move to 'reported' in the study's ``history`` (transitions
+    rows), which the study keeps once the draft is sent, also after a dead letter and a requeue."""
+    for step in history:
+        if step["revision"] == revision and step["state"] == StudyState.REPORTED:
+            reason = step["reason"] or ""
+            at = reason.find(NONCONFORMANT_NOTE)
+            return reason[at:] if at >= 0 else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -273,13 +351,13 @@ def build_draft_sr(
     sources = sorted((_read_source(handle, Path(p)) for handle, p in named),
                      key=lambda s: s.sop_instance_uid)
     _check_distinct(sources)
-    patient_study, omitted = _patient_and_study(sources)
+    patient_study, omitted, inherited = _patient_and_study(sources)
     study_uid = sources[0].evidence.StudyInstanceUID
     predecessor = _read_predecessor(supersedes, sources[0], revision) if supersedes else None
     model = draft.model
     prefix = settings.uid_root or PYDICOM_ROOT_UID
-    device_uid = _derived_uid(prefix, "device-observer", model.fingerprint)
-    sop_uid = _derived_uid(
+    device_uid = derived_uid(prefix, "device-observer", model.fingerprint)
+    sop_uid = derived_uid(
         prefix,
         "draft-sr",
         study_uid,
@@ -287,10 +365,12 @@ def build_draft_sr(
         model.fingerprint,
         str(revision),
     )
-    series_uid = _derived_uid(
+    series_uid = derived_uid(
         prefix, "draft-series", study_uid, str(settings.series_number), settings.uid_root or ""
     )
     notices = [f"Source value left out: {name} ({why})." for name, why in omitted]
+    notices += [f"Source value copied unchanged although not valid DICOM: {v.note}."
+                for v in inherited]
     if predecessor is not None:
         notices.insert(0, _supersedes_text(predecessor))
     try:
@@ -317,6 +397,7 @@ def build_draft_sr(
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"the SR could not be built: {type(exc).__name__}: {exc}") from exc
     sr.update(patient_study)
+    setattr(sr, _INHERITED, tuple(inherited))
     sr.CompletionFlagDescription = (
         DEMO_COMPLETION_DESCRIPTION if model.demo else COMPLETION_DESCRIPTION
     )
@@ -327,19 +408,22 @@ def build_draft_sr(
         revision=revision,
         supersedes=predecessor is not None,
         omitted=[name for name, _ in omitted],
+        inherited_nonconformant=[v.keyword for v in inherited],
         model=model.name,
         demo=model.demo,
     )
     return sr
 
 
-def write_sr(ds: Dataset, path: Path) -> None:
+def write_sr(ds: Dataset, path: Path, inherited: Iterable[Inherited] | None = None) -> None:
     """Write ``ds`` to ``path`` whole or not at all (temp file, fsync, rename, fsync dir), 0600.
 
     Every value is checked against its VR first and the file is encoded in memory, so an invalid
-    value raises ReportError before anything exists on disk.
+    value raises ReportError before anything exists on disk. ``inherited``: the source values
+    ``ds`` may carry unchanged although not valid (check_values); by default those build_draft_sr
+    recorded on ``ds`` (a rendition of a draft passes its SR's).
     """
-    check_values(ds)
+    check_values(ds, inherited_nonconformant(ds) if inherited is None else inherited)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     write_atomic(Path(path), buffer.getvalue())
@@ -382,7 +466,7 @@ def invalid_reason(vr: str, value: Any) -> str | None:
             item = text = str(item)  # IS, DS, PN objects are checked in their encoded form
             limit = MAX_VALUE_LEN.get(vr)
             if limit is not None and len(text) > limit:
-                return f"{len(text)} characters, {vr} allows {limit}"
+                return f"{len(text)} characters, at most {limit}"
             allowed = "\r\n\f" if vr in TEXT_VRS else ""
             if any((c < " " or "\x7f" <= c <= "\x9f") and c not in allowed for c in text):
                 return "contains control characters"
@@ -401,15 +485,24 @@ def _bad_person_name(text: str) -> bool:
     return len(groups) > 3 or any(len(g) > 64 or g.count("^") > 4 for g in groups)
 
 
-def check_values(ds: Dataset) -> None:
-    """Raise ReportError naming the first attribute (at any depth) whose value breaks its VR."""
-    for element in ds.iterall():
+def check_values(ds: Dataset, inherited: Iterable[Inherited] = ()) -> None:
+    """Raise ReportError naming the first attribute (at any depth) whose value breaks its VR.
+
+    ``inherited`` lets through exactly the top-level elements that still hold the value, in the
+    VR, that the source images gave them; every other element, in items too, is checked.
+    """
+    exempt = {v.keyword: (v.vr, v.value) for v in inherited}
+    for element in ds:
         if element.VR == "SQ":
+            for item in element.value or ():
+                check_values(item)
+            continue
+        if element.keyword in exempt and (element.VR, element.value) == exempt[element.keyword]:
             continue
         reason = invalid_reason(element.VR, element.value)
         if reason:
             name = element.keyword or str(element.tag)
-            raise ReportError(f"the SR has an invalid {name}: {reason}")
+            raise ReportError(f"the SR has an invalid {name} ({element.VR}): {reason}")
 
 
 # --- source images -----------------------------------------------------------------------------
@@ -419,7 +512,8 @@ def check_values(ds: Dataset) -> None:
 class _Source:
     """One source image: its header (for values) and a header-only evidence copy (for highdicom).
 
-    ``name`` is the non-identifying handle messages use for it.
+    ``name`` is the non-identifying handle messages use for it; ``raw`` holds the identifying
+    values' bytes as the file has them, to tell whether their text is certain.
     """
 
     name: str
@@ -427,6 +521,7 @@ class _Source:
     evidence: Dataset
     sop_instance_uid: str
     digest: str
+    raw: Mapping[str, bytes]
 
 
 def _read_source(handle: str, path: Path) -> _Source:
@@ -436,6 +531,10 @@ def _read_source(handle: str, path: Path) -> _Source:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
         raise ReportError(f"{handle}: cannot be read ({_why(exc, path)})") from exc
+    # pydicom decodes a value when it is first used: take the bytes before anything uses them
+    raw = {keyword: element.value for keyword in IDENTIFYING
+           if isinstance(element := header.get_item(keyword), RawDataElement)
+           and isinstance(element.value, bytes)}
     evidence = Dataset()
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         value = header.get(keyword)
@@ -443,7 +542,7 @@ def _read_source(handle: str, path: Path) -> _Source:
         if reason:
             raise ReportError(f"{handle}: {keyword} is {reason}")
         setattr(evidence, keyword, str(value))
-    return _Source(handle, header, evidence, evidence.SOPInstanceUID, digest)
+    return _Source(handle, header, evidence, evidence.SOPInstanceUID, digest, raw)
 
 
 def _why(exc: Exception, path: Path) -> str:
@@ -469,10 +568,13 @@ def _check_distinct(sources: Sequence[_Source]) -> None:
         seen[source.sop_instance_uid] = source.name
 
 
-def _patient_and_study(sources: Sequence[_Source]) -> tuple[Dataset, list[tuple[str, str]]]:
+def _patient_and_study(
+    sources: Sequence[_Source],
+) -> tuple[Dataset, list[tuple[str, str]], list[Inherited]]:
     """The patient and study values the SR carries, taken from the first image.
 
-    Returns them and the optional attributes left out, as (keyword, reason).
+    Returns them, the optional attributes left out as (keyword, reason), and the identifying
+    values copied unchanged although not valid.
     """
     for keyword in MUST_AGREE:
         found = {str(s.header.get(keyword, "") or "") for s in sources}
@@ -484,16 +586,15 @@ def _patient_and_study(sources: Sequence[_Source]) -> tuple[Dataset, list[tuple[
             )
     first = sources[0]
     merged = Dataset()
+    inherited: list[Inherited] = []
     for keyword in IDENTIFYING:
-        for source in sources:
-            reason = _source_problem(source.header, keyword)
-            if reason:
-                raise ReportError(
-                    f"{source.name}: {keyword} is not valid DICOM ({reason}); it "
-                    "identifies the patient or the order, so it is neither changed nor dropped: "
-                    "fix the source, or leave this study to the radiologist"
-                )
+        reasons = _identifying_problems(first, keyword)
         _copy(first.header, merged, keyword)
+        if reasons:
+            vr = dictionary_VR(keyword)
+            inherited.append(Inherited(keyword, vr, "; ".join(reasons), merged[keyword].value))
+            log.warning("report.inherited_nonconformant", attribute=keyword, vr=vr,
+                        reason="; ".join(reasons), source=first.name)
     omitted: list[tuple[str, str]] = []
     for keyword in OPTIONAL:
         reason = _source_problem(first.header, keyword)
@@ -506,27 +607,95 @@ def _patient_and_study(sources: Sequence[_Source]) -> tuple[Dataset, list[tuple[
         )
         if keyword in TYPE_2:
             setattr(merged, keyword, "")
-    return merged, omitted
+    return merged, omitted, inherited
+
+
+def _identifying_problems(source: _Source, keyword: str) -> list[str]:
+    """What is not conformant about the source's value of ``keyword`` (empty: nothing).
+
+    Raises ReportError when the value cannot be copied unchanged: its text is unknown, or it is
+    too long to be an identifier.
+    """
+    value = source.header.get(keyword)
+    if value in (None, ""):
+        return []
+    text = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+    if len(text) > MAX_INHERITED_CHARACTERS:
+        raise ReportError(
+            f"{source.name}: {keyword} has {len(text)} characters, more than the "
+            f"{MAX_INHERITED_CHARACTERS} an identifier copied unchanged may have; it is neither "
+            "shortened nor dropped: fix the source, or leave this study to the radiologist"
+        )
+    reasons = (_character_set_problem(source, keyword, text),
+               _source_problem(source.header, keyword))
+    return [r for r in reasons if r]
+
+
+def _character_set_problem(source: _Source, keyword: str, text: str) -> str | None:
+    """Whether ``text`` (pydicom's reading of the value) is certainly what the source's bytes say.
+
+    None when it is: ASCII, or bytes that the declared Specific Character Set decodes exactly. A
+    reason when bytes above 0x7F have no declared character set that defines them: read as
+    ISO 8859-1. Raises ReportError when the text cannot be known.
+    """
+    raw = source.raw.get(keyword, b"")
+    if raw.isascii() and ESC not in raw:
+        return None
+    declared = source.header.get("SpecificCharacterSet") or []
+    terms = [str(t) for t in ([declared] if isinstance(declared, str) else declared)]
+    unknown = [t for t in terms if t not in python_encoding]
+    if unknown:
+        shown = unknown[0] if invalid_reason("CS", unknown[0]) is None else "(not a code string)"
+        raise ReportError(
+            f"{source.name}: {keyword} cannot be read: Specific Character Set {shown} is not one "
+            "DICOM defines, so its text is unknown and it is not copied: fix the source, or "
+            "leave this study to the radiologist"
+        )
+    first = python_encoding[terms[0]] if terms else default_encoding
+    try:
+        if ESC in raw:  # ISO 2022: pydicom keeps what it could not decode, or replaces it
+            if "\ufffd" in text or "\x1b" in text:
+                raise UnicodeError
+        elif first == default_encoding:  # the default repertoire is ASCII
+            return ("bytes above 0x7F and no Specific Character Set that defines them "
+                    "(read as ISO 8859-1)")
+        else:
+            raw.decode(first)
+    except UnicodeError:
+        declared_as = "\\".join(terms) or "none declared"  # as DICOM writes it: \ISO 2022 IR 87
+        raise ReportError(
+            f"{source.name}: {keyword} is not text in its character set ({declared_as}): "
+            "its text is unknown, and a guess would be another identifier, so it is not "
+            "copied: fix the source, or leave this study to the radiologist"
+        ) from None
+    return None
 
 
 def _source_problem(header: Dataset, keyword: str) -> str | None:
-    """Why the source's value of ``keyword`` cannot go into the SR as it is; None if it can."""
+    """Why the source's value of ``keyword`` is not valid for its VR as the SR writes it (the
+    dictionary VR); None if it is."""
     if keyword not in header:
         return None
-    element = header[keyword]
-    if isinstance(element.value, MultiValue) and len(element.value) > 1:
-        return f"{len(element.value)} values where one is allowed"
-    if keyword == "PatientSex" and element.value not in PATIENT_SEXES:
+    value = header[keyword].value
+    if isinstance(value, MultiValue) and len(value) > 1:
+        return f"{len(value)} values where one is allowed"
+    if keyword == "PatientSex" and value not in PATIENT_SEXES:
         return "not M, F or O"
-    return invalid_reason(element.VR, element.value)
+    return invalid_reason(dictionary_VR(keyword), value)
 
 
 def _copy(source: Dataset, target: Dataset, keyword: str) -> None:
-    """Copy one attribute as it is; a missing Type 2 attribute becomes present and empty."""
-    if keyword in source and source[keyword].value not in (None, ""):
-        target[keyword] = source[keyword]
-    elif keyword in TYPE_2:
-        setattr(target, keyword, "")
+    """Copy one attribute's value unchanged (as text: pydicom writes it in the SR's character
+    set), in the element of its dictionary VR; a missing or empty Type 2 attribute becomes present
+    and empty."""
+    value = source[keyword].value if keyword in source else None
+    if value in (None, ""):
+        if keyword in TYPE_2:
+            setattr(target, keyword, "")
+        return
+    # pydicom's own check would warn, and some of its warnings quote the value
+    target.add(DataElement(tag_for_keyword(keyword), dictionary_VR(keyword), value,
+                           validation_mode=pydicom_config.IGNORE))
 
 
 def _evidence_for_highdicom(sources: Sequence[_Source]) -> list[Dataset]:
@@ -647,7 +816,7 @@ def _author_device(device_uid: str, model: ModelIdentity, settings: ReportConfig
     return item
 
 
-def _derived_uid(prefix: str, purpose: str, *parts: str) -> str:
+def derived_uid(prefix: str, purpose: str, *parts: str) -> str:
     """A UID that depends on exactly these inputs (JSON keeps the parts from running together)."""
     return str(generate_uid(prefix=prefix, entropy_srcs=[json.dumps([purpose, *parts])]))
 
@@ -664,6 +833,12 @@ def _clean_text(where: str, value: Any) -> str:
         raise ReportError(
             f"{where}: control character U+{ord(bad.group()):04X} at position {bad.start()} "
             "is not allowed in DICOM text"
+        )
+    bad = DIRECTION_CONTROL.search(text)
+    if bad:
+        raise ReportError(
+            f"{where}: text direction control U+{ord(bad.group()):04X} at position "
+            f"{bad.start()} would make the text read differently from what it says"
         )
     try:
         text.encode("utf-8")
@@ -717,9 +892,12 @@ class Reporter:
                 log.warning("study.state", study=study.study_key, state="failed", reason=str(exc))
                 audit.study_state(study, StudyState.FAILED, f"report not built: {exc}")
             return 1
+        nonconformant = [v.note for v in inherited_nonconformant(ds)]
+        reason = f"draft SR {'supersedes an earlier draft' if earlier else 'built'}"
+        if nonconformant:
+            reason += f"; {NONCONFORMANT_NOTE}{'; '.join(nonconformant)}"
         with self.store.transaction() as db:
-            if not self.store.transition(db, study, StudyState.REPORTED,
-                                         reason=f"draft SR {'supersedes an earlier draft' if earlier else 'built'}"):
+            if not self.store.transition(db, study, StudyState.REPORTED, reason=reason):
                 return 0
             db.execute(
                 """INSERT OR IGNORE INTO reports (sr_uid, study_uid, revision, job_id, path,
@@ -727,29 +905,53 @@ class Reporter:
                 (ds.SOPInstanceUID, study.study_uid, study.revision, job["id"], str(path),
                  earlier["path"] if earlier else None, int(draft.model.demo), self.clock()))
             db.executemany(
-                """INSERT OR IGNORE INTO documents (sop_instance_uid, sr_uid, study_uid, rendition,
-                   path, created_at) VALUES (?, ?, ?, ?, ?, ?)""",
-                [(uid, ds.SOPInstanceUID, study.study_uid, rendition, str(where), self.clock())
-                 for rendition, uid, where in documents])
+                """INSERT OR IGNORE INTO documents (sr_uid, rendition, study_uid, sop_instance_uid,
+                   path, problem, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [(ds.SOPInstanceUID, d.rendition, study.study_uid, d.uid,
+                  str(d.path) if d.path else None, d.problem, self.clock()) for d in documents])
             self.outbox.enqueue(db, sr_uid=ds.SOPInstanceUID, study_uid=study.study_uid,
                                 destinations=[d.name for d in self.config.destinations])
         log.info("study.state", study=study.study_key, revision=study.revision, state="reported",
-                 demo=draft.model.demo, destinations=len(self.config.destinations))
+                 reason=reason, demo=draft.model.demo, destinations=len(self.config.destinations))
         audit.study_state(study, StudyState.REPORTED, sr_uid=ds.SOPInstanceUID,
                           demo=draft.model.demo, supersedes=earlier is not None,
-                          renditions=[rendition for rendition, _, _ in documents] or None,
+                          renditions=[d.rendition for d in documents if d.path] or None,
+                          rendition_problems={d.rendition: d.problem for d in documents
+                                              if d.problem} or None,
+                          nonconformant_source_values=nonconformant or None,
                           destinations=[d.name for d in self.config.destinations])
         return 1
 
-    def _renditions(self, sr: Dataset, study: Study) -> list[tuple[str, str, Path]]:
-        """Build and write the renditions some destination asks for: (rendition, UID, file)."""
+    def _renditions(self, sr: Dataset, study: Study) -> list[Rendered]:
+        """Build and write the renditions some destination asks for.
+
+        One that cannot be built (a character no configured font has, too many pages) is
+        recorded with its reason: the destinations that asked for it get a dead letter saying
+        so, the others get the draft all the same.
+        """
         built = []
         for rendition in renditions.needed(self.config.destinations):
             builder = renditions.BUILDERS.get(rendition)
-            if builder is None:
-                raise ReportError(f"rendition {rendition}: this node cannot build it")
-            document = builder(sr, self.config.report)
-            path = self.config.reports_dir / study.study_key / f"{document.SOPInstanceUID}.dcm"
-            write_sr(document, path)
-            built.append((rendition, str(document.SOPInstanceUID), path))
+            try:
+                if builder is None:
+                    raise ReportError("this node cannot build it")
+                document = builder(sr, self.config.report)
+                path = self.config.reports_dir / study.study_key / f"{document.SOPInstanceUID}.dcm"
+                write_sr(document, path, inherited_nonconformant(sr))  # the SR's identifiers
+            except ReportError as exc:
+                log.warning("report.rendition_failed", study=study.study_key, rendition=rendition,
+                            reason=str(exc))
+                built.append(Rendered(rendition, problem=str(exc)))
+                continue
+            built.append(Rendered(rendition, str(document.SOPInstanceUID), path))
         return built
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendition of a draft: the file written, or why it could not be built."""
+
+    rendition: str
+    uid: str | None = None
+    path: Path | None = None
+    problem: str | None = None

@@ -135,7 +135,7 @@ class Retention:
         if what == "study":
             files += [Path(r["path"]) for r in db.execute(
                 """SELECT path FROM reports WHERE study_uid = ?
-                   UNION ALL SELECT path FROM documents WHERE study_uid = ?""",
+                   UNION ALL SELECT path FROM documents WHERE study_uid = ? AND path IS NOT NULL""",
                 (study_uid, study_uid))]
         return files
 

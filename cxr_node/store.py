@@ -143,12 +143,14 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE INDEX IF NOT EXISTS reports_by_study ON reports (study_uid);
 CREATE TABLE IF NOT EXISTS documents (
-    sop_instance_uid TEXT PRIMARY KEY,
     sr_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
     rendition TEXT NOT NULL,
-    path TEXT NOT NULL,
-    created_at REAL NOT NULL
+    study_uid TEXT NOT NULL,
+    sop_instance_uid TEXT,
+    path TEXT,
+    problem TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (sr_uid, rendition)
 );
 CREATE INDEX IF NOT EXISTS documents_by_sr ON documents (sr_uid);
 CREATE TABLE IF NOT EXISTS outbox (

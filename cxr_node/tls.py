@@ -74,7 +74,7 @@ def _readable(path: Path, what: str, hint: str = "") -> None:
         raise ConfigError([f"{path}: cannot read the {what} ({exc.strerror}){hint}"]) from None
 
 
-def _load_identity(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
+def load_identity(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
     """Our certificate chain and key, with a message that says which file is wrong and how."""
     key = private_key_path(tls)
     hint = ""
@@ -99,7 +99,7 @@ def _load_identity(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
         raise ConfigError([problem]) from None
 
 
-def _load_cas(ctx: ssl.SSLContext, bundle: Path) -> None:
+def load_cas(ctx: ssl.SSLContext, bundle: Path) -> None:
     _readable(bundle, "CA certificates")
     try:
         ctx.load_verify_locations(cafile=bundle)
@@ -107,7 +107,7 @@ def _load_cas(ctx: ssl.SSLContext, bundle: Path) -> None:
         raise ConfigError([f"{bundle}: no PEM CA certificate in it ({exc.reason or exc})"]) from None
 
 
-def _restrict(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
+def restrict(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
     ctx.minimum_version = _version(tls.minimum_version)
     ctx.set_ciphers(TLS12_CIPHERS)
 
@@ -117,11 +117,11 @@ def server_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     if tls is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _restrict(ctx, tls)
+    restrict(ctx, tls)
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client could otherwise make us redo handshakes
-    _load_identity(ctx, tls)
+    load_identity(ctx, tls)
     if tls.ca_certificates:
-        _load_cas(ctx, tls.ca_certificates)
+        load_cas(ctx, tls.ca_certificates)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     return ctx
 
@@ -175,9 +175,10 @@ def client_context(tls: DestinationTLSConfig | None) -> PeerCheckingContext | No
     ctx.sslsocket_class = _VerifiedSocket
     ctx.pinned_sha256 = frozenset(tls.pinned_sha256)
     ctx.check_hostname = not tls.pinned_sha256
-    _restrict(ctx, tls)
-    _load_cas(ctx, tls.ca_certificates)
-    _load_identity(ctx, tls)
+    restrict(ctx, tls)
+    load_cas(ctx, tls.ca_certificates)
+    if tls.certificate is not None:  # optional where the peer asks for none (an HL7 receiver)
+        load_identity(ctx, tls)
     return ctx
 
 

@@ -13,6 +13,7 @@ Needs root (or CAP_SYS_ADMIN) and iproute2; the namespace and Orthanc are always
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import itertools
 import json
@@ -23,7 +24,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 from nodeproc import storescu
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian: orthanc-dicomweb
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 _numbers = itertools.count()
@@ -91,6 +93,8 @@ class Orthanc:
 
     ``check_called_aet`` makes Orthanc reject (permanently) an association addressed to another
     AE title. Storage survives ``stop``/``start``, as a real PACS that was down for a while.
+    ``dicomweb`` loads the DICOMweb plugin (STOW-RS, QIDO-RS at ``dicomweb_url``); ``users``
+    (name: password) turns on HTTP Basic authentication, which the REST helpers here use too.
     """
 
     AE_TITLE = "ORTHANC"
@@ -98,9 +102,11 @@ class Orthanc:
     HTTP_PORT = 8042
 
     def __init__(self, workdir: Path, ns: NetworkNamespace, check_called_aet: bool = True,
+                 dicomweb: bool = False, users: Mapping[str, str] | None = None,
                  **options: object):
         self.workdir = workdir
         self.ns = ns
+        self.users = dict(users or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "orthanc.log"
         self.config_path = workdir / "orthanc.json"
@@ -110,12 +116,15 @@ class Orthanc:
             "Name": "cxr-node-test-pacs",
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
-            "Plugins": [],  # the Debian package's plugins (worklists, serve-folders) stay off
+            # the Debian package's other plugins (worklists, serve-folders) stay off
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/", "EnableWado": False},
             "LuaScripts": [],
             "HttpServerEnabled": True,
             "HttpPort": self.HTTP_PORT,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "WebDavEnabled": False,
             "DicomServerEnabled": True,
             "DicomAet": self.AE_TITLE,
@@ -133,6 +142,10 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.HTTP_PORT}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -155,8 +168,7 @@ class Orthanc:
     def _answers(self) -> bool:
         """REST answers and the DICOM port accepts connections (runs inside the namespace)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/system", timeout=2) as rsp:
-                json.load(rsp)
+            json.loads(self._request("/system", None, timeout=2))
             socket.create_connection(("127.0.0.1", self.DICOM_PORT), timeout=2).close()
         except OSError:
             return False
@@ -197,10 +209,13 @@ class Orthanc:
     def post(self, path: str, body: Any) -> Any:
         return json.loads(self.ns.call(self._request, path, json.dumps(body).encode()))
 
-    def _request(self, path: str, body: bytes | None) -> bytes:
+    def _request(self, path: str, body: bytes | None, timeout: float = 30) -> bytes:
         req = urllib.request.Request(f"{self.url}{path}", data=body,
                                      method="POST" if body else "GET")
-        with urllib.request.urlopen(req, timeout=30) as rsp:
+        for user, password in list(self.users.items())[:1]:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:
             return rsp.read()
 
     def instances(self) -> list[str]:
@@ -238,12 +253,14 @@ class Orthanc:
 
 
 @contextmanager
-def running_orthanc(workdir: Path, check_called_aet: bool = True,
+def running_orthanc(workdir: Path, check_called_aet: bool = True, dicomweb: bool = False,
+                    users: Mapping[str, str] | None = None,
                     **options: object) -> Iterator[Orthanc]:
     """A started Orthanc in a namespace of its own; both are gone after the block."""
     workdir.mkdir(parents=True, exist_ok=True)
     with NetworkNamespace() as ns:
-        pacs = Orthanc(workdir, ns, check_called_aet=check_called_aet, **options)
+        pacs = Orthanc(workdir, ns, check_called_aet=check_called_aet, dicomweb=dicomweb,
+                       users=users, **options)
         try:
             yield pacs.start()
         finally:

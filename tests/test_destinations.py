@@ -123,7 +123,38 @@ def test_unknown_kinds_and_keys_are_named_with_the_kinds_there_are(tmp_path: Pat
         load_config(path)
     problems = err.value.problems
     assert f"{path}:2: 'destinations[0]' = dict: expected a destination with type: " \
-           "dicom / folder / recorder (each kind's keys: cxr-node config reference)" in problems
+           f"{' / '.join(KINDS)} (each kind's keys: cxr-node config reference)" in problems
     assert f"{path}:3: 'destinations[1].label' is required" in problems
     assert any(p.startswith(f"{path}:4: 'destinations[2].renditions'") and "each rendition once"
                in p for p in problems), problems
+
+
+def test_a_draft_replaced_by_a_newer_one_is_never_sent_after_it(tmp_path: Path, recorder: None,
+                                                                cxr_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """Revision 1 waits for a retry when revision 2 is filed: only revision 2 goes out (a RIS
+    that keeps an order's last result would otherwise end up with the older draft)."""
+    config = node_config(tmp_path, {"type": "recorder", "name": "ris", "label": "r"})
+    store = Store(config.database_path)
+    clock = Clock()
+    first = make_sr(tmp_path, cxr_dir / "CR-MONO1-10-chest.dcm", "first")
+    file_report(store, config, first, clock())
+    monkeypatch.setattr(Recorder, "answer", Delivery.retry("the RIS is busy"))
+    run(Outbox(config, store, clock))
+    assert len(Recorder.received) == 1 and rows(store)["ris"]["state"] == "pending"
+
+    second = make_sr(tmp_path, cxr_dir / "CR-MONO1-10-chest.dcm", "second")
+    with store.transaction() as db:  # what the Reporter files for the study's next revision
+        db.execute("INSERT INTO reports (sr_uid, study_uid, revision, job_id, path, demo, "
+                   "created_at) VALUES (?, ?, 2, 2, ?, 0, ?)",
+                   (second.sr_uid, first.study_uid, str(second.path), clock()))
+        Outbox.enqueue(db, sr_uid=second.sr_uid, study_uid=first.study_uid,
+                       destinations=["ris"], now=clock())
+    monkeypatch.setattr(Recorder, "answer", Delivery.delivered())
+    clock.advance(3600)
+    run(Outbox(config, store, clock))
+    states = {r["sr_uid"]: (r["state"], r["reason"]) for r in store.db.execute(
+        "SELECT sr_uid, state, reason FROM outbox")}
+    assert states == {first.sr_uid: ("superseded", "a newer draft of the study replaces it"),
+                      second.sr_uid: ("delivered", None)}
+    assert [sent["sr"] for _, sent in Recorder.received[1:]] == [second.path.read_bytes()]

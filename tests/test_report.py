@@ -8,6 +8,7 @@ the text itself, byte for byte, after write_sr and dcmread.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -18,24 +19,32 @@ import highdicom as hd
 import pydicom
 import pytest
 import structlog
+import yaml
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from sr_validation import assert_valid_sr
+from sr_validation import DCIODVFY_VR_SUMMARY, assert_valid_sr, dciodvfy_errors, names_attribute
 
-from cxr_node.config import ReportConfig
+from cxr_node import audit, cli, renditions
+from cxr_node.audit import AuditTrail, read_trail
+from cxr_node.config import ReportConfig, load_config
+from cxr_node.dispatch import Outbox, requeue
 from cxr_node.report import (
     DEMO_DISCLAIMER,
     DISCLAIMER,
+    MAX_INHERITED_CHARACTERS,
     DraftReport,
     ModelIdentity,
+    Reporter,
     ReportError,
     build_draft_sr,
+    inherited_nonconformant,
     sign_off_cue,
     write_sr,
 )
 from cxr_node.show import HIDDEN, render_sr
+from cxr_node.store import InstanceRecord, Store, StudyState
 
 FINGERPRINT = "3f" * 32
 MULTILINGUAL = (
@@ -84,13 +93,16 @@ def draft(**changes: Any) -> DraftReport:
 
 
 def header_copy(source: Path, target: Path, **values: Any) -> Path:
-    """A header-only Part-10 copy of ``source`` with some attributes changed (a new image)."""
+    """A header-only Part-10 copy of ``source`` with some attributes changed (None: removed)."""
     ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     for keyword, value in values.items():
-        setattr(ds, keyword, value)
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.save_as(target, enforce_file_format=True)
@@ -378,6 +390,8 @@ def test_supersedes_must_be_an_earlier_draft_of_this_study(
         ({"findings": " \n\t "}, r"findings: empty"),
         ({"findings": "ok\x00"}, r"findings: control character U\+0000 at position 2"),
         ({"impression": "a\x1b[1mb"}, r"impression: control character U\+001B at position 1"),
+        ({"findings": "No \u202etnemtaert\u202c"},
+         r"findings: text direction control U\+202E at position 3 would make the text read"),
         ({"findings": "lone \udc80 surrogate"}, r"result\.findings: expected a valid string"),
         ({"findings": "x" * 100_001}, r"result\.findings: string should have at most 100000"),
         ({"request_id": ""}, r"result\.request_id: string should have at least 1 character"),
@@ -489,23 +503,276 @@ def test_real_report_prose_is_not_taken_for_a_sign_off(text: str) -> None:
     assert draft(findings=text).findings == text
 
 
-# --- source images that cannot be drafted -------------------------------------------------------
+# --- source values as the images carry them -----------------------------------------------------
 
 
-def test_invalid_identifying_value_fails_with_a_reason_and_no_identifiers(cxr_dir: Path) -> None:
-    """RG1_DX_J2KR.dcm: AccessionNumber has 56 characters (SH allows 16) -> the draft fails."""
+def raw_value(path: Path, keyword: str) -> bytes:
+    """The value of ``keyword`` as the file holds it: bytes, before any decoding."""
+    return pydicom.dcmread(path, stop_before_pixels=True, force=True).get_item(keyword).value
+
+
+def test_nonconformant_accession_is_copied_byte_for_byte_and_said(
+    cxr_dir: Path, tmp_path: Path
+) -> None:
+    """RG1_DX_J2KR.dcm: the PACS filed the images under a 56-character AccessionNumber (SH allows
+    16), so the draft is filed under the same one; only that value makes dciodvfy complain."""
     source = cxr_dir / "RG1_DX_J2KR.dcm"
     header = pydicom.dcmread(source, stop_before_pixels=True)
-    with pytest.raises(ReportError) as failure:
-        build_draft_sr([source], draft(), SETTINGS)
-    message = str(failure.value)
-    assert message.startswith("source image 1: AccessionNumber is not valid DICOM")
-    assert "AccessionNumber is not valid DICOM (56 characters, SH allows 16)" in message
+    report = draft()
+    path = tmp_path / "draft.dcm"
+    with structlog.testing.capture_logs() as logs:
+        ds = build_draft_sr({"instance 7 (PA)": source}, report, SETTINGS)
+        write_sr(ds, path)
+    assert len(raw_value(source, "AccessionNumber")) == 56
+    assert raw_value(path, "AccessionNumber") == raw_value(source, "AccessionNumber")
+    assert [v.note for v in inherited_nonconformant(ds)] == [
+        "AccessionNumber (SH): 56 characters, at most 16"]
+
+    errors = dciodvfy_errors(path)
+    assert errors[-1] == DCIODVFY_VR_SUMMARY
+    assert errors[:-1] and all(names_attribute(e, "AccessionNumber") for e in errors[:-1])
+    assert_valid_sr(path, source, nonconformant_source=["AccessionNumber"])  # dcentvfy agrees
+    sr = check_draft(path, [source], report)
+    assert sr.PatientName == header.PatientName and sr.PatientID == header.PatientID
+    assert texts(sr, ("121106", "DCM"))[1:] == [
+        "Source value left out: PatientBirthDate (not a valid DA value).",
+        "Source value copied unchanged although not valid DICOM: AccessionNumber (SH): "
+        "56 characters, at most 16.",
+    ]
+    assert sr.PatientBirthDate == ""  # the hashed birth date is not a date
+
+    said = [e for e in logs if e["event"] == "report.inherited_nonconformant"]
+    assert said == [{"event": "report.inherited_nonconformant", "log_level": "warning",
+                     "attribute": "AccessionNumber", "vr": "SH",
+                     "reason": "56 characters, at most 16", "source": "instance 7 (PA)"}]
     for identifier in (header.AccessionNumber, str(header.PatientName), header.PatientID,
                        header.SOPInstanceUID, "RG1_DX_J2KR"):
-        assert identifier not in message
-    with pytest.raises(ReportError, match=r"^instance 7 \(PA\): AccessionNumber is not valid"):
-        build_draft_sr({"instance 7 (PA)": source}, draft(), SETTINGS)
+        assert identifier not in str(logs)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "note"),
+    [
+        ("PatientID", "P" * 70, "PatientID (LO): 70 characters, at most 64"),
+        ("IssuerOfPatientID", "Example\x07Hospital", "IssuerOfPatientID (LO): contains control "
+                                                     "characters"),
+        ("PatientName", "A^B^C^D^E^F", "PatientName (PN): not a valid PN value (at most 3 groups "
+                                       "of 5 components, 64 characters each)"),
+        ("AccessionNumber", "A1\\A2", "AccessionNumber (SH): 2 values where one is allowed"),
+    ],
+)
+def test_every_nonconformant_identifier_is_copied_unchanged(
+    rg1: Path, tmp_path: Path, keyword: str, value: str, note: str
+) -> None:
+    source = header_copy(rg1, tmp_path / "source.dcm", **{keyword: value})
+    path = tmp_path / "draft.dcm"
+    ds = build_draft_sr([source], draft(), SETTINGS)
+    write_sr(ds, path)
+    assert raw_value(path, keyword) == raw_value(source, keyword)
+    assert [v.note for v in inherited_nonconformant(ds)] == [note]
+    assert_valid_sr(path, source, nonconformant_source=[keyword])
+
+
+def test_latin1_identifiers_arrive_as_the_same_text_in_utf8(rg1: Path, tmp_path: Path) -> None:
+    name, accession = "Müller^Jörg", "ÄÖÜ-" * 5  # the accession also breaks SH: 20 characters
+    source = header_copy(rg1, tmp_path / "latin1.dcm", PatientName=name, AccessionNumber=accession)
+    assert pydicom.dcmread(source).SpecificCharacterSet == "ISO_IR 100"
+    assert raw_value(source, "PatientName").rstrip(b" ") == name.encode("latin-1")
+    path = tmp_path / "draft.dcm"
+    ds = build_draft_sr([source], draft(), SETTINGS)
+    write_sr(ds, path)
+    assert raw_value(path, "PatientName").rstrip(b" ") == name.encode("utf-8")
+    assert raw_value(path, "AccessionNumber").rstrip(b" ") == accession.encode("utf-8")
+    sr = pydicom.dcmread(path)
+    assert (sr.SpecificCharacterSet, sr.PatientName, sr.AccessionNumber) == (
+        "ISO_IR 192", name, accession)
+    assert [v.note for v in inherited_nonconformant(ds)] == [
+        "AccessionNumber (SH): 20 characters, at most 16"]
+    assert_valid_sr(path, source, nonconformant_source=["AccessionNumber"])
+
+
+def test_iso_2022_japanese_name_arrives_as_the_same_text_in_utf8(
+    rg1: Path, tmp_path: Path
+) -> None:
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    source = header_copy(rg1, tmp_path / "jis.dcm", SpecificCharacterSet=["", "ISO 2022 IR 87"],
+                         PatientName=name)
+    assert b"\x1b$B" in raw_value(source, "PatientName")  # escape sequences to JIS X 0208
+    path = tmp_path / "draft.dcm"
+    ds = build_draft_sr([source], draft(), SETTINGS)
+    write_sr(ds, path)
+    assert raw_value(path, "PatientName").rstrip(b" ") == name.encode("utf-8")
+    assert pydicom.dcmread(path).PatientName == name
+    assert inherited_nonconformant(ds) == ()
+    assert_valid_sr(path, source)
+
+
+def test_undeclared_non_ascii_is_read_as_latin1_and_said(rg1: Path, tmp_path: Path) -> None:
+    """No Specific Character Set, yet bytes above 0x7F: read as ISO 8859-1, as pydicom and
+    Orthanc read them, and listed as not conformant."""
+    source = header_copy(rg1, tmp_path / "source.dcm", SpecificCharacterSet=None,
+                         PatientName="MXller^Jorg")
+    source.write_bytes(source.read_bytes().replace(b"MXller", "Müller".encode("latin-1")))
+    ds = build_draft_sr([source], draft(), SETTINGS)
+    write_sr(ds, tmp_path / "draft.dcm")
+    assert pydicom.dcmread(tmp_path / "draft.dcm").PatientName == "Müller^Jorg"
+    assert [v.note for v in inherited_nonconformant(ds)] == [
+        "PatientName (PN): bytes above 0x7F and no Specific Character Set that defines them "
+        "(read as ISO 8859-1)"]
+
+
+@pytest.mark.parametrize(
+    ("character_set", "value", "message"),
+    [
+        ("ISO_IR 192", "Müller".encode("latin-1"),
+         r"^source image 1: PatientName is not text in its character set \(ISO_IR 192\)"),
+        (["", "ISO 2022 IR 87"], b"\x1b$B\x7f\x7f\x1b(B",  # no JIS X 0208 character
+         r"^source image 1: PatientName is not text in its character set "
+         r"\(\\ISO 2022 IR 87\)"),
+        ("ISO_IR 999", "Müller".encode("latin-1"),
+         r"^source image 1: PatientName cannot be read: Specific Character Set ISO_IR 999 is "
+         r"not one DICOM defines"),
+        ("ISO_IR 100", b"M" * (MAX_INHERITED_CHARACTERS + 1),
+         rf"^source image 1: PatientName has {MAX_INHERITED_CHARACTERS + 1} characters, more than "
+         rf"the {MAX_INHERITED_CHARACTERS} an identifier copied unchanged may have"),
+    ],
+)
+def test_identifier_whose_text_is_unknown_or_absurd_fails_the_draft(
+    rg1: Path, tmp_path: Path, character_set: str | list[str], value: bytes, message: str
+) -> None:
+    """Copied unchanged means the same text: bytes that are no text in the declared character set
+    are never guessed, and a value no PACS files as an identifier is refused."""
+    placeholder = b"Q" * len(value)
+    source = header_copy(rg1, tmp_path / "source.dcm", SpecificCharacterSet=character_set,
+                         PatientName=placeholder.decode())
+    source.write_bytes(source.read_bytes().replace(placeholder, value))
+    with pytest.raises(ReportError, match=message) as failure:
+        build_draft_sr([source], draft(), SETTINGS)
+    assert "Müller" not in str(failure.value) and "MMMM" not in str(failure.value)
+
+
+def test_values_the_node_writes_are_still_checked(cxr_dir: Path, tmp_path: Path) -> None:
+    """Only the identifying values copied from the images pass unchecked, each by its element and
+    its exact value: everything the node writes itself is checked as before."""
+    source = cxr_dir / "RG1_DX_J2KR.dcm"
+    path = tmp_path / "draft.dcm"
+    control = ReportConfig(institution_name="Example\x01Hospital")
+    with pytest.raises(ReportError, match=r"invalid InstitutionName \(LO\): contains control"):
+        write_sr(build_draft_sr([source], draft(), control), path)
+    ds = build_draft_sr([source], draft(), SETTINGS)
+
+    def finding(sr: Dataset) -> Dataset:
+        return sr.ContentSequence[-2].ContentSequence[0]
+
+    def nested_accession(sr: Dataset) -> None:  # the source's value, but not where it came from
+        request = Dataset()
+        request.AccessionNumber = sr.AccessionNumber
+        sr.ReferencedRequestSequence = [request]
+
+    changes = [
+        ("TextValue", lambda sr: setattr(finding(sr), "TextValue", "Lungs\x01clear.")),
+        ("AccessionNumber", lambda sr: setattr(sr, "AccessionNumber", "Y" * 56)),  # not the same
+        ("PatientName", lambda sr: setattr(sr, "PatientName", "A^B^C^D^E^F")),
+        ("AccessionNumber", nested_accession),
+    ]
+    for name, change in changes:
+        changed = copy.deepcopy(ds)
+        change(changed)
+        with pytest.raises(ReportError, match=rf"the SR has an invalid {name} "):
+            write_sr(changed, path)
+    assert list(tmp_path.iterdir()) == []
+    write_sr(ds, path)
+    assert raw_value(path, "AccessionNumber") == raw_value(source, "AccessionNumber")
+
+
+def rendition_copy(sr: Dataset, settings: ReportConfig) -> Dataset:
+    """A stand-in rendition: a new object with the SR's patient and study values, as a PDF or a
+    page image of the draft carries them."""
+    document = Dataset()
+    document.update(sr)
+    document.file_meta = copy.deepcopy(sr.file_meta)
+    document.SOPInstanceUID = document.file_meta.MediaStorageSOPInstanceUID = str(
+        generate_uid(entropy_srcs=[sr.SOPInstanceUID, "copy"]))
+    return document
+
+
+def test_reporter_files_the_draft_and_says_which_source_value_is_not_conformant(
+    cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The 966 export through the report and dispatch stages: reported and sent with a note on
+    the accession (never its value) in the status, the audit trail and the log, also after a
+    dead letter and a requeue."""
+    source = cxr_dir / "RG1_DX_J2KR.dcm"
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    share = tmp_path / "share"
+    config_path = tmp_path / "cxr-node.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "node": {"state_dir": str(tmp_path / "state")},
+        "destinations": [{"type": "folder", "name": "share", "folder": str(share),
+                          "renditions": ["sr", "pdf"]}],
+    }))
+    config = load_config(config_path)
+    monkeypatch.setitem(renditions.BUILDERS, "pdf", rendition_copy)
+    monkeypatch.setattr(audit, "_trail", AuditTrail(config.audit_path))
+    store = Store(config.database_path)
+    store.record_instance(InstanceRecord(
+        header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID,
+        header.SOPClassUID, header.file_meta.TransferSyntaxUID, "DX", "CHEST", "PA", "PA", 1,
+        str(source), source.stat().st_size, "MODALITY1", "127.0.0.1"), same_content=lambda _: False)
+    [instance] = store.instances(header.StudyInstanceUID)
+    with store.transaction() as db:
+        for state in (StudyState.STABLE, StudyState.QUEUED, StudyState.DRAFTED):
+            assert store.transition(db, store.study(header.StudyInstanceUID), state)
+        db.execute(
+            """INSERT INTO jobs (study_uid, revision, attempt, state, task_id, inputs, result,
+               created_at) VALUES (?, 1, 1, 'done', 'task-1', ?, ?, 0)""",
+            (header.StudyInstanceUID,
+             json.dumps({"images": [{"instance_id": instance["id"], "view": "PA",
+                                     "path": str(source)}]}),
+             json.dumps(worker_result())))
+    outbox = Outbox(config, store)
+    note = ("source values not valid DICOM, copied unchanged: AccessionNumber (SH): "
+            "56 characters, at most 16")
+
+    def send() -> StudyState:
+        outbox.step()
+        assert outbox.wait(timeout=60)
+        return store.study(header.StudyInstanceUID).state
+
+    with structlog.testing.capture_logs() as logs:
+        assert Reporter(config, store, outbox).step() == 1
+        study = store.study(header.StudyInstanceUID)
+        assert (study.state, study.reason) == (StudyState.REPORTED, f"draft SR built; {note}")
+        # someone else's file under the draft's name: a dead letter, then a requeue
+        [sr_uid] = [r["sr_uid"] for r in store.db.execute("SELECT sr_uid FROM reports")]
+        share.mkdir(mode=0o700)
+        (share / f"{sr_uid}.dcm").write_bytes(b"someone else's file")
+        assert send() == StudyState.FAILED
+        (share / f"{sr_uid}.dcm").unlink()
+        assert requeue(store, all_failed=True) == 1
+        assert send() == StudyState.SENT
+    assert store.study(header.StudyInstanceUID).reason == note
+
+    copies = sorted(share.iterdir())
+    assert len(copies) == 2  # the SR and its rendition, both under the source's accession
+    for document in copies:
+        assert raw_value(document, "AccessionNumber") == raw_value(source, "AccessionNumber")
+    reported, requeued = [r for r in read_trail(config.audit_path).records
+                          if r["event"] == "study.reported"]
+    assert requeued["reason"] == "outbox re-queued"
+    assert reported["nonconformant_source_values"] == [
+        "AccessionNumber (SH): 56 characters, at most 16"]
+    assert reported["renditions"] == ["pdf"]
+    [sent] = [r for r in read_trail(config.audit_path).records if r["event"] == "study.sent"]
+    assert sent["reason"] == note
+
+    assert cli.main(["status", "--config", str(config_path)]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if study.study_key in line]
+    assert " sent " in row and row.endswith(note)
+    text = str(logs) + row + config.audit_path.read_text()
+    for identifier in (header.AccessionNumber, str(header.PatientName), header.PatientID):
+        assert identifier not in text
 
 
 def test_invalid_optional_value_is_left_out_and_said(cxr_dir: Path, tmp_path: Path) -> None:
@@ -565,7 +832,8 @@ def test_unreadable_source_is_named_by_its_handle_not_its_file(tmp_path: Path) -
 def test_write_refuses_an_invalid_value_and_leaves_nothing(rg1: Path, tmp_path: Path) -> None:
     sr = build_draft_sr([rg1], draft(), SETTINGS)
     sr.AccessionNumber = "X" * 17
-    with pytest.raises(ReportError, match="invalid AccessionNumber: 17 characters, SH allows 16"):
+    with pytest.raises(ReportError,
+                       match=r"invalid AccessionNumber \(SH\): 17 characters, at most 16"):
         write_sr(sr, tmp_path / "draft.dcm")
     nested = build_draft_sr([rg1], draft(), SETTINGS)
     nested.AuthorObserverSequence[0].DeviceUID = "1.2.03"

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag, TypeAdapter
 
-from cxr_node.destinations import dicom, folder
+from cxr_node.destinations import dicom, dicomweb, folder, hl7
 from cxr_node.destinations.base import (
     Check,
     Delivery,
@@ -43,7 +43,9 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "dicom": Kind(dicom.DicomDestination, dicom.DicomStore),
+    "dicomweb": Kind(dicomweb.DicomWebDestination, dicomweb.DicomWebStore),
     "folder": Kind(folder.FolderDestination, folder.Folder),
+    "hl7": Kind(hl7.Hl7Destination, hl7.Hl7Sender),
 }
 """The registry: ``type:`` -> kind. A new kind is one module and one line here."""
 

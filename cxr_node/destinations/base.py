@@ -25,8 +25,9 @@ RENDITIONS: tuple[Rendition, ...] = ("sr", "pdf", "page")
 
 @dataclass(frozen=True)
 class Delivery:
-    """What one attempt at one destination came to; ``status`` is the peer's status, if any
-    (a DIMSE status; an HTTP status for DICOMweb)."""
+    """What one attempt at one destination came to; ``status`` is the DICOM status the peer
+    gave, if any (a C-STORE response's, or a STOW-RS answer's FailureReason or WarningReason;
+    other protocols say theirs in the reason)."""
 
     outcome: Outcome
     reason: str = ""

@@ -14,10 +14,14 @@ from collections.abc import Callable, Iterable
 from pydicom.dataset import Dataset
 
 from cxr_node.config import ReportConfig
+from cxr_node.renditions import page, pdf
 
 Builder = Callable[[Dataset, ReportConfig], Dataset]
 
-BUILDERS: dict[str, Builder] = {}
+BUILDERS: dict[str, Builder] = {
+    "pdf": pdf.build,
+    "page": page.build,
+}
 """rendition -> how it is built from the draft SR (``sr`` is the SR itself)."""
 
 
