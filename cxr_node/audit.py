@@ -311,6 +311,55 @@ def quarantine_purged(files: int, size: int, reason: str, by: str | None = None)
     record("retention.quarantine_purged", files=files, bytes=size, reason=reason, by=by)
 
 
+FeedbackOutcome = Literal["received", "stored", "duplicate", "ignored"]
+
+
+@_guarded
+def feedback_received(source: str, outcome: FeedbackOutcome, study_uid: str | None,
+                      feedback_id: int | None, *, document: str | None = None,
+                      reason: str | None = None, **context: Any) -> None:
+    """A signed report (cxr_node/feedback.py): an SR kept to be read (received), a report kept
+    to be paired (stored), one received before (duplicate), or one that does not count and why
+    (ignored). ``document`` is its SOP Instance UID, MSH-10 or line hash, never its text."""
+    instruments().feedback_reports.labels(source, outcome).inc()
+    record(f"feedback.{outcome}", study_uid, source=source, feedback=feedback_id,
+           document=document, reason=reason, **context)
+
+
+@_guarded
+def feedback_paired(source: str, feedback_id: int, study_uid: str, sr_uid: str,
+                    scores: Mapping[str, float | None], misses: list[str]) -> None:
+    """A signed report paired with a draft, with the pair's scores and significant misses."""
+    m = instruments()
+    m.feedback_pairs.labels(source).inc()
+    for observation in misses:
+        m.significant_misses.labels(observation).inc()
+    record("feedback.paired", study_uid, source=source, feedback=feedback_id, sr_uid=sr_uid,
+           scores=dict(scores), significant_misses=misses or None)
+
+
+@_guarded
+def feedback_unpaired(source: str, feedback_id: int, study_uid: str | None, reason: str) -> None:
+    """A signed report that no draft came for; its text is gone."""
+    record("feedback.unpaired", study_uid, source=source, feedback=feedback_id, reason=reason)
+
+
+@_guarded
+def feedback_purged(reports: int, files: int, by: str | None = None) -> None:
+    """Retention deleted signed reports of studies the node does not hold."""
+    instruments().purges.labels("feedback").inc()
+    record("retention.feedback_purged", reports=reports, files=files, by=by)
+
+
+@_guarded
+def feedback_refused(peer: str, cause: str, reason: str, *, record_now: int = 1) -> None:
+    """An HL7 connection or message turned away (feedback_hl7.py). Counted every time; during a
+    flood recorded once per interval with the count (``record_now``; 0: counted only)."""
+    instruments().feedback_refused.labels(cause).inc()
+    if record_now:
+        record("feedback.refused", peer=peer, cause=cause, reason=reason, count=record_now)
+
+
 def _mapping(result: Mapping[str, Any] | None, key: str) -> Mapping[str, Any]:
     """``result[key]`` if it is a mapping: a worker's result is not trusted to be well formed."""
     value = result.get(key) if isinstance(result, Mapping) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -207,7 +208,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return 0
     audit.open_trail(config.audit_path)  # each purge is part of the trail, with who ran it
     done = retention.apply(plan, by=audit.operator())
-    due = len(plan.studies) + len(plan.quarantine)
+    due = len(plan)
     print(f"purged {done} of {due}" + ("" if done == due else
                                       "; the others changed meanwhile and wait to be due again"))
     return 0
@@ -275,6 +276,164 @@ def cmd_model_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_score(args: argparse.Namespace) -> int:
+    from cxr_node.evaluation import label, label_scores, text_scores
+    from cxr_node.evaluation.jsonl import InputError, paired
+
+    try:
+        pairs = paired(args.refs, args.hyps)
+    except InputError as exc:
+        print(f"cxr-node eval score: {exc}", file=sys.stderr)
+        return 2
+    scores = text_scores(pairs.references, pairs.drafts) + label_scores(
+        [label(t) for t in pairs.references], [label(t) for t in pairs.drafts])
+    if args.json:
+        print(json.dumps({"reports": len(pairs.ids), "scores": [s.as_dict() for s in scores]},
+                         indent=2))
+        return 0
+    print(f"{len(pairs.ids)} reports: drafts {args.hyps} against references {args.refs}")
+    _table(["score", "value", "note"],
+           [(s.name, "-" if s.value is None else f"{s.value:.4f}", s.note) for s in scores])
+    print("definitions:")
+    for definition in dict.fromkeys(s.implementation for s in scores):
+        names = ", ".join(s.name for s in scores if s.implementation == definition)
+        print(f"  {names}: {definition}")
+    return 0
+
+
+def cmd_eval_label(args: argparse.Namespace) -> int:
+    from cxr_node.evaluation import label
+    from cxr_node.evaluation.jsonl import InputError, records
+
+    bad = 0
+    try:
+        for record in records(sys.stdin.buffer, "stdin"):
+            if isinstance(record, InputError):
+                print(f"cxr-node eval label: {record}", file=sys.stderr)
+                bad += 1
+            else:
+                print(json.dumps({"id": record.id, **label(record.text)}))
+    except InputError as exc:
+        print(f"cxr-node eval label: {exc}", file=sys.stderr)
+        return 2
+    return 1 if bad else 0
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from cxr_node.evaluation.datasets import DatasetError
+    from cxr_node.evaluation.run import RunError, RunRequest, evaluate
+    from cxr_node.evaluation.summary import SUMMARY_MD, markdown
+    from cxr_node.logs import configure_logging
+
+    configure_logging("WARNING")  # the progress bar is the output on stderr; problems still show
+    config = load_config(args.config) if args.config is not None else Config()
+    chosen = {"path": args.model, "adapter": args.adapter, "quantization": args.quantization,
+              "device": args.device}
+    model = config.model.model_copy(update={k: v for k, v in chosen.items() if v is not None})
+    request = RunRequest(config.model_copy(update={"model": model}), args.data, args.out,
+                         args.limit, args.grid_intensity, args.allow_outside_paths)
+    try:
+        summary = evaluate(request)
+    except (DatasetError, RunError) as exc:
+        print(f"cxr-node eval run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cxr-node eval run: stopped; the same command resumes the run in {args.out}",
+              file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2) if args.json else markdown(summary).rstrip("\n"))
+    print(f"written to {args.out} ({SUMMARY_MD}, summary.json, studies.csv, label-f1.png, "
+          "results.jsonl)", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from cxr_node.evaluation.compare import CompareError, compare, markdown
+
+    try:
+        comparison = compare(args.run_a, args.run_b, args.resamples, args.seed,
+                             jobs=args.jobs)
+    except CompareError as exc:
+        print(f"cxr-node eval compare: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(comparison, indent=2) if args.json else markdown(comparison).rstrip("\n"))
+    return 0
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+        return value
+    return parse
+
+
+def cmd_feedback_import(args: argparse.Namespace) -> int:
+    """Signed reports from a file, kept for the running node to pair with its drafts."""
+    from cxr_node import audit
+    from cxr_node.feedback import imported, read_import, store_signed
+    from cxr_node.show import printable
+    from cxr_node.store import Store
+
+    config = _config(args)
+    store = Store(config.database_path)
+    audit.open_trail(config.audit_path)  # who imported what is part of each study's history
+    counts = {"stored": 0, "duplicate": 0, "problems": 0}
+    try:
+        for record in read_import(args.file, config.feedback):
+            if isinstance(record, str):
+                print(printable(record), file=sys.stderr)
+                counts["problems"] += 1
+                continue
+            _, study, text = record
+            outcome, _ = store_signed(store, imported(store.db, study, text), by=audit.operator())
+            counts[outcome] += 1
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"{counts['stored']} signed report(s) stored, {counts['duplicate']} imported before, "
+          f"{counts['problems']} line(s) with a problem; the running node pairs them with their "
+          "drafts within seconds (`cxr-node feedback status`)")
+    return 1 if counts["problems"] else 0
+
+
+def cmd_feedback_status(args: argparse.Namespace) -> int:
+    from cxr_node.feedback import snapshot
+    from cxr_node.show import printable
+    from cxr_node.store import Store
+
+    config = _config(args)
+    shown = snapshot(Store(config.database_path), config.feedback, args.limit)
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    rolling, window = shown["rolling"], shown["window"]
+    print(f"agreement over the last {rolling['pairs']} pair(s) (at most {window['max_pairs']}, "
+          f"{window['days']:g} days):")
+    for name in ("ROUGE-L", "BLEU-2", "label F1 micro (14)", "label F1 macro (14)",
+                 "label F1 micro (5 common)", "label F1 macro (5 common)",
+                 "significant miss share"):
+        print(f"  {name + ':':<27}{_score(rolling[name])}")
+    misses = ", ".join(f"{k} {v}" for k, v in rolling["significant misses"].items())
+    print(f"  {'significant misses:':<27}{misses or 'none'}")
+    print("signed reports: " + ", ".join(f"{k} {v}" for k, v in rolling["reports"].items()))
+    rows = [(str(r["id"]), r["study"] or "-", r["source"], r["state"], _age(r["received_at"]),
+             (r["model"] or "") + (" (DEMO)" if r["demo"] else ""), _score(r["ROUGE-L"]),
+             _score(r["BLEU-2"]), _score(r["label F1"]), ", ".join(r["significant misses"]),
+             printable(r["reason"] or "")) for r in shown["recent"]]
+    _table(["id", "study", "source", "state", "received", "model", "ROUGE-L", "BLEU-2",
+            "label F1", "significant misses", "reason"], rows)
+    return 0
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 class UsageError(ConfigError):
     """A command-line option with a bad value; one line per problem, naming the option."""
 
@@ -292,6 +451,12 @@ def _peer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="address the node this configuration describes (node.host, node.port, "
                         "node.ae_title)")
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=default_config_path(),
+                   help="YAML configuration (default: $CXR_NODE_CONFIG or "
+                        "/etc/cxr-node/cxr-node.yaml)")
 
 
 def _since(text: str) -> datetime:
@@ -372,6 +537,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show", cmd_show, "render a DICOM SR (ours or anyone's) as text", config=False)
     p.add_argument("file", type=Path)
     p.add_argument("--phi", action="store_true", help="also show patient name, ID and birth date")
+    feedback = sub.add_parser("feedback", help="the signed reports the drafts are measured "
+                              "against").add_subparsers(dest="what", required=True)
+    p = feedback.add_parser(
+        "import", help="signed reports from a file, JSON lines or CSV (.csv, header row) of "
+                       '{"study": ..., "text": ...}: study is a Study Instance UID, a study key or '
+                       "an accession number; the running node pairs each with its draft")
+    p.add_argument("file", type=Path)
+    _config_option(p)
+    p.set_defaults(func=cmd_feedback_import)
+    p = feedback.add_parser("status", help="agreement of the drafts with the signed reports over "
+                                           "the rolling window, and the latest pairs (by study "
+                                           "key, with their scores and significant misses)")
+    p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _config_option(p)
+    p.set_defaults(func=cmd_feedback_status)
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="what", required=True)
     p = model.add_parser("demo", help="build the tiny random-weight DEMO model (no download)")
     p.add_argument("dir", type=Path)
@@ -393,6 +574,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_check)
     p = cfg.add_parser("reference", help="print every configuration key with default and meaning")
     p.set_defaults(func=lambda _args: print(reference(), end="") or 0)
+
+    evaluation = sub.add_parser("eval", help="measure drafts against reference reports") \
+        .add_subparsers(dest="what", required=True)
+    text = ("score drafts against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, ReXrank's "
+            "BLEU-2, label F1 and significant misses, each with its definition")
+    p = evaluation.add_parser("score", help=text, description=text)
+    p.add_argument("--refs", type=Path, required=True, metavar="FILE",
+                   help='reference reports, JSON lines {"id": ..., "text": ...}')
+    p.add_argument("--hyps", type=Path, required=True, metavar="FILE",
+                   help="drafts, the same format; paired with the references by id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_eval_score)
+    text = ('label reports (JSON lines {"id": ..., "text": ...} on standard input) with the 14 '
+            "CheXpert observations: one JSON line each, 1 positive, 0 negative, -1 uncertain, "
+            "null not mentioned; a bad line is named on standard error, and the exit status is 1")
+    p = evaluation.add_parser("label", help=text, description=text)
+    p.set_defaults(func=cmd_eval_label)
+    p = evaluation.add_parser(
+        "run", help="draft every study of a dataset with a model, as the node would, and score "
+                    "the drafts; results are kept as they come, and the same command resumes "
+                    "a stopped run")
+    p.add_argument("--model", type=Path, required=True, metavar="DIR", help="model folder")
+    p.add_argument("--adapter", type=Path, metavar="DIR", help="peft LoRA adapter folder")
+    p.add_argument("--quantization", choices=["nf4", "int8", "none"],
+                   help="default: model.quantization of --config (nf4)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"],
+                   help="default: model.device of --config (auto)")
+    p.add_argument("--data", type=Path, required=True, metavar="MANIFEST|DIR",
+                   help="a manifest of studies (.csv or .jsonl), or an IU X-ray folder (Open-i "
+                        "NLMCXR_reports.tgz and the images)")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN",
+                   help="folder of the run: results.jsonl, summary.md/.json, studies.csv, "
+                        "label-f1.png")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a node configuration: its prompt, generation, image and batch "
+                        "settings and limits are used (default: the built-in defaults)")
+    p.add_argument("--limit", type=_positive(int), metavar="N", help="only the first N studies")
+    p.add_argument("--grid-intensity", type=_positive(float), metavar="G_PER_KWH",
+                   help="CO2 of the grid in g/kWh, to give the CO2 of the energy measured")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let the manifest name images outside its folder (absolute or ../)")
+    p.add_argument("--json", action="store_true",
+                   help="print summary.json instead of the Markdown summary")
+    p.set_defaults(func=cmd_eval_run)
+    p = evaluation.add_parser(
+        "compare", help="compare two runs on the studies both have: each score of A and B, "
+                        "B - A and a paired bootstrap 95%% interval of it")
+    p.add_argument("run_a", type=Path, metavar="RUN_A")
+    p.add_argument("run_b", type=Path, metavar="RUN_B")
+    p.add_argument("--resamples", type=_positive(int), default=1000, metavar="N",
+                   help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    p.add_argument("--jobs", type=_positive(int), metavar="N",
+                   help="processes scoring the resamples (default: one per CPU for large runs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_eval_compare)
     return parser
 
 

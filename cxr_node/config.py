@@ -613,6 +613,80 @@ class HttpConfig(_Section):
         return [h.lower() for h in v]
 
 
+class FeedbackHl7Config(_Section):
+    """The MLLP listener that takes signed reports (ORU^R01, result status F or C) from a RIS or
+    interface engine: plain MLLP (or TLS), from the networks listed only."""
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every address)")
+    port: int = Field(2575, ge=1, le=65535, description="MLLP port")
+    accept: list[str] = Field(
+        min_length=1, description="networks the RIS or interface engine connects from, such as "
+                                  "10.20.0.0/24; a connection from anywhere else is closed at once")
+    application: str = Field("CXR_NODE", description="MSH-3 of the acknowledgments, as the "
+                                                     "sender knows this node")
+    facility: str = Field("", description="MSH-4 of the acknowledgments")
+    max_message_kb: int = Field(1024, ge=4, le=16384,
+                                description="largest MLLP block; a larger one closes the connection")
+    max_connections: int = Field(4, ge=1, le=256,
+                                 description="connections at once; another is closed at once")
+    timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="a connection silent this long, or a message not complete "
+                                         "within it, is closed (the sender reconnects)")
+    tls: TLSConfig | None = Field(None, description="MLLP over TLS: the keys of tls.* (with "
+                                                    "require_client_certificate to know the sender)")
+
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, v: str) -> str:
+        return NodeConfig._ip_address(v)
+
+    @field_validator("application", "facility")
+    @classmethod
+    def _namespace(cls, v: str, info: ValidationInfo) -> str:
+        shortest = 1 if info.field_name == "application" else 0  # MSH-4 may be empty
+        if not re.fullmatch(rf"[^|^~\\&\x00-\x1f\x7f]{{{shortest},20}}", v):
+            raise ValueError("an HL7 namespace ID: at most 20 characters, none of | ^ ~ \\ & and "
+                             "no control character")
+        return v
+
+    @field_validator("accept")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        try:
+            return [str(ipaddress.ip_network(n, strict=False)) for n in v]
+        except ValueError:
+            raise ValueError("networks such as 10.20.0.0/24 or 127.0.0.1/32") from None
+
+    def admits(self, address: str) -> bool:
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(peer in ipaddress.ip_network(n) for n in self.accept)
+
+
+class FeedbackConfig(_Section):
+    """Signed reports, the ground truth the node measures its drafts against."""
+
+    dicom: bool = Field(True, description="accept signed reports as DICOM SR over C-STORE (Basic "
+                                          "Text, Enhanced, Comprehensive SR; VERIFIED and COMPLETE)")
+    hl7: FeedbackHl7Config | None = Field(
+        None, description="an MLLP listener for signed reports as HL7 v2 ORU^R01 (off when "
+                          "absent; feedback.hl7.*)")
+    max_sr_kb: int = Field(4096, ge=16, le=65536,
+                           description="largest signed SR kept; a larger one is refused (0xC000)")
+    max_text_characters: int = Field(
+        20000, ge=100, le=200_000, description="longest signed report text kept; a longer one "
+                                               "is ignored (or refused with AR) with the reason")
+    wait_days: float = Field(7.0, gt=0, le=365, description="a signed report without a draft "
+                                                            "waits this long for one, then counts "
+                                                            "as unpaired (its text is dropped)")
+    window_pairs: int = Field(200, ge=1, le=100_000,
+                              description="rolling agreement: at most the last this many pairs")
+    window_days: float = Field(30.0, gt=0, le=3650,
+                               description="rolling agreement: pairs of at most this many days")
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -629,6 +703,7 @@ class Config(BaseModel):
     retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig = HttpConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     source: Path | None = Field(None, exclude=True)
 
@@ -680,6 +755,10 @@ class Config(BaseModel):
     @property
     def reports_dir(self) -> Path:
         return self.state_dir / "reports"
+
+    @property
+    def feedback_dir(self) -> Path:
+        return self.state_dir / "feedback"
 
     @property
     def audit_path(self) -> Path:

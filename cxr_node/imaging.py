@@ -697,6 +697,13 @@ def _displays_inverted(ds: Dataset) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
+def model_pixels(unit: np.ndarray, max_side: int) -> np.ndarray:
+    """Display values (0..1, 0 black) as model pixels, the way `prepare` ends: for images that
+    come as pictures (PNG, JPEG) rather than DICOM, so both are scaled alike."""
+    _require_positive("max_side", max_side)
+    return _shrink(unit, max_side)
+
+
 def _shrink(unit: np.ndarray, max_side: int) -> np.ndarray:
     """Area-average down so the longest side is at most max_side, then quantise to 8 bits."""
     rows, columns = unit.shape

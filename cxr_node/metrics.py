@@ -117,8 +117,23 @@ class Instruments:
         self.audit_write_errors = Counter(
             "cxr_node_audit_write_errors", "Audit records that could not be written")
         self.purges = Counter(
-            "cxr_node_purges", "Retention purges: a study's images, a whole study, quarantine",
+            "cxr_node_purges", "Retention purges: a study's images, a whole study, quarantine, "
+            "signed reports without a study",
             ["kind"])
+        self.feedback_reports = Counter(
+            "cxr_node_feedback_reports",
+            "Signed reports: SRs received to be read, reports stored to be paired, duplicates, "
+            "and those ignored (not signed, our own draft, no text), by source", ["source", "outcome"])
+        self.feedback_pairs = Counter(
+            "cxr_node_feedback_pairs", "Signed reports paired with a draft and scored, by source",
+            ["source"])
+        self.significant_misses = Counter(
+            "cxr_node_significant_misses",
+            "Pairs whose signed report is positive for the observation where the draft is "
+            "negative or silent", ["observation"])
+        self.feedback_refused = Counter(
+            "cxr_node_feedback_refused",
+            "HL7 feedback connections and messages refused, by cause", ["cause"])
 
 
 _instruments: Instruments | None = None
@@ -183,11 +198,47 @@ class StateCollector:
         yield GaugeMetricFamily("cxr_node_state_disk_min_free_bytes",
                                 "Below this, C-STORE answers out of resources "
                                 "(node.min_free_disk_mb)", value=self.config.node.min_free_disk_mb * 2**20)
+        yield from self._feedback()
         info = GaugeMetricFamily("cxr_node_build_info", "Versions of the node and its runtime",
                                  labels=["version", "python", "pynetdicom", "pydicom"])
         info.add_metric([__version__, platform.python_version(), _version("pynetdicom"),
                          _version("pydicom")], 1)
         yield info
+
+
+    def _feedback(self) -> Iterator[Metric]:
+        """Agreement of the drafts with the signed reports, over the rolling window
+        (feedback.window_pairs, feedback.window_days); a value without pairs is left out."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from cxr_node.feedback import rolling
+
+        window = rolling(self.store.db, self.config.feedback)
+        states = GaugeMetricFamily("cxr_node_feedback_signed_reports",
+                                   "Signed reports kept, by state", labels=["state"])
+        for state, count in window.states.items():
+            states.add_metric([state], count)
+        yield states
+        yield GaugeMetricFamily("cxr_node_feedback_window_pairs",
+                                "Pairs in the rolling window", value=window.pairs)
+        means = {"cxr_node_feedback_rouge_l": ("ROUGE-L (pycocoevalcap, beta 1.2, R2Gen-cleaned "
+                                               "text), mean over the window", window.rouge_l),
+                 "cxr_node_feedback_bleu_2": ("BLEU-2 (ReXrank, per report), mean over the window",
+                                              window.bleu_2),
+                 "cxr_node_feedback_significant_miss_ratio": (
+                     "Share of the window's pairs with a significant miss", window.miss_share)}
+        for name, (help_text, value) in means.items():
+            if value is not None:
+                yield GaugeMetricFamily(name, help_text, value=value)
+        f1 = GaugeMetricFamily("cxr_node_feedback_label_f1",
+                               "Label F1 of the drafts against the signed reports over the window "
+                               "(CheXpert-style labeler on both)",
+                               labels=["observations", "average"])
+        for name, value in window.label_f1.items():
+            if value is not None:  # "label F1 micro (5 common)" -> ["5 common", "micro"]
+                average, observations = name.removeprefix("label F1 ").split(" ", 1)
+                f1.add_metric([observations.strip("()"), average], value)
+        yield f1
 
 
 def _version(package: str) -> str:

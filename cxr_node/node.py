@@ -31,6 +31,7 @@ from cxr_node.spool import Spool
 from cxr_node.store import Store
 
 if TYPE_CHECKING:
+    from cxr_node.feedback_hl7 import Hl7Listener
     from cxr_node.web import StatusServer
 
 log = structlog.get_logger("cxr_node.node")
@@ -210,6 +211,7 @@ class Node:
         self.receivers: list[mp.process.BaseProcess] = []
         self.worker: subprocess.Popen[bytes] | None = None
         self.http: StatusServer | None = None
+        self.hl7: Hl7Listener | None = None
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
@@ -225,7 +227,7 @@ class Node:
             spool.reconcile(store, Limits.of(self.config.limits))
         finally:
             store.close()
-        problem = self._start_receivers() or self._start_http()
+        problem = self._start_receivers() or self._start_http() or self._start_hl7()
         if problem:
             log.error("node.start_failed", reason=problem)
             self._stop_receivers()
@@ -245,6 +247,8 @@ class Node:
         wakeup.notify()
         if self.http:
             self.http.stop()
+        if self.hl7:
+            self.hl7.stop()
         self._stop_receivers()
         self._stop_worker()
         for runner in runners:
@@ -289,6 +293,23 @@ class Node:
             http = self.config.http
             return f"cannot serve HTTP on {http.host}:{http.port}: {exc.strerror}"
         self.http.start()
+        return None
+
+    def _start_hl7(self) -> str | None:
+        """The MLLP listener for signed reports, when ``feedback.hl7`` is configured."""
+        settings = self.config.feedback.hl7
+        if settings is None:
+            return None
+        from cxr_node.feedback_hl7 import Hl7Listener
+
+        try:
+            self.hl7 = Hl7Listener(self.config)
+        except ConfigError as exc:  # a TLS file missing or wrong: say which
+            return f"feedback.hl7.tls: {exc}"
+        except OSError as exc:
+            return (f"cannot listen on {settings.host}:{settings.port} (feedback.hl7): "
+                    f"{exc.strerror}")
+        self.hl7.start()
         return None
 
     def _spawn_receiver(self, index: int) -> None:
@@ -351,6 +372,7 @@ def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
     """The pipeline, in data-flow order."""
     from cxr_node.assemble import StudyAssembler
     from cxr_node.dispatch import Outbox
+    from cxr_node.feedback import Feedback
     from cxr_node.queue import DraftQueue
     from cxr_node.report import Reporter
     from cxr_node.retention import Retention
@@ -361,5 +383,6 @@ def build_stages(config: Config, store: Store) -> list[tuple[str, Stage]]:
         ("queue", DraftQueue(config, store)),
         ("report", Reporter(config, store, outbox)),
         ("dispatch", outbox),
+        ("feedback", Feedback(config, store)),
         ("retention", Retention(config, store)),
     ]

@@ -59,6 +59,7 @@ from cxr_node import audit
 from cxr_node.admission import Admission, ConnectionGate
 from cxr_node.audit import RejectCause
 from cxr_node.config import Config
+from cxr_node.feedback import SIGNED_REPORT_CLASSES, SignedReportInbox
 from cxr_node.logs import study_key
 from cxr_node.part10 import (
     OUT_OF_RESOURCES,
@@ -125,6 +126,7 @@ class StorageSCP:
         self.spool = Spool(config.spool_dir, config.quarantine_dir, fsync=config.node.fsync,
                            limits=self.limits, min_free_mb=config.node.min_free_disk_mb)
         self._reports = Throttle()  # log lines of refusals that repeat (a full disk, a flood)
+        self.signed_reports = SignedReportInbox(config, store, fsync=config.node.fsync)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [
@@ -231,6 +233,8 @@ class StorageSCP:
         Content is compared only with the stored copies of the same SOP Instance UID (a re-send),
         never hashed: on the common path the received file is renamed into place untouched.
         """
+        if header.sop_class_uid in SIGNED_REPORT_CLASSES:  # a report, never an image to draft
+            return self.signed_reports.keep(header, received, context)
         key = study_key(header.study_uid)
         copies = self.store.copies_of(header.sop_instance_uid)
         if any(same_dataset(received, path) for path in copies.values()):
@@ -313,6 +317,9 @@ def make_ae(config: Config) -> AE:
     ae.dimse_timeout = config.node.network_timeout_seconds
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    if config.feedback.dicom:  # signed reports from the PACS (cxr_node/feedback.py)
+        for sop_class in SIGNED_REPORT_CLASSES:
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_supported_context(Verification)
     return ae
 

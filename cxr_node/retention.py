@@ -9,7 +9,10 @@ unmanaged archive of every chest X-ray, until its disk filled. The policy (``ret
 - ``images_days`` after it finished, its spooled images are deleted with their index rows. A late
   instance of that study starts a new revision drafted from the images then present.
 - ``studies_days`` after it finished, the rest goes: its draft SR files (and their PDF and page
-  renditions) and every row of it (study, transitions, jobs with the draft text, reports, outbox).
+  renditions) and every row of it (study, transitions, jobs with the draft text, reports, outbox,
+  and the signed reports paired with its drafts, with their text: cxr_node/feedback.py).
+- A signed report whose study the node does not hold (never drafted, or purged before the report
+  came) goes ``studies_days`` after it was received.
 - Quarantined datasets go after ``quarantine_days``, and the oldest first while the folder holds
   more than ``quarantine_max_mb``.
 - The audit trail is not purged: it is the record of what was received, drafted, sent and purged,
@@ -40,7 +43,10 @@ log = structlog.get_logger("cxr_node.retention")
 DAY = 86400.0
 FINISHED = """(s.state IN ('sent', 'skipped', 'failed') OR (s.state = 'reported' AND NOT EXISTS (
     SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid AND o.state IN ('pending', 'sending'))))"""
-STUDY_TABLES = ("instances", "transitions", "jobs", "documents", "reports", "outbox", "studies")
+STUDY_TABLES = ("instances", "transitions", "jobs", "documents", "reports", "outbox", "feedback",
+                "draft_orders", "studies")
+ORPHAN_FEEDBACK = """FROM feedback WHERE received_at < ? AND (study_uid IS NULL
+    OR study_uid NOT IN (SELECT study_uid FROM studies))"""
 
 What = Literal["images", "study"]
 
@@ -72,12 +78,28 @@ class QuarantinePurge:
 
 
 @dataclass(frozen=True)
+class FeedbackPurge:
+    """Signed reports (rows, and a received SR's file) of studies the node does not hold."""
+
+    cutoff: float
+    reports: int
+    files: tuple[Path, ...]
+
+    def bytes(self) -> int:
+        return sum(_size(p) for p in self.files)
+
+
+@dataclass(frozen=True)
 class Plan:
     studies: list[StudyPurge]
     quarantine: list[QuarantinePurge]
+    feedback: list[FeedbackPurge]
 
     def __bool__(self) -> bool:
-        return bool(self.studies or self.quarantine)
+        return bool(self.studies or self.quarantine or self.feedback)
+
+    def __len__(self) -> int:
+        return len(self.studies) + len(self.quarantine) + len(self.feedback)
 
 
 class Retention:
@@ -112,7 +134,7 @@ class Retention:
             whole = {s.study_uid for s in studies}
             studies += [s for s in self._due("images", now - self.policy.images_days * DAY)
                         if s.study_uid not in whole]
-        return Plan(studies, self._quarantine_due(now))
+        return Plan(studies, self._quarantine_due(now), self._feedback_due(now))
 
     def _due(self, what: What, cutoff: float) -> list[StudyPurge]:
         rows = self.store.db.execute(
@@ -135,9 +157,18 @@ class Retention:
         if what == "study":
             files += [Path(r["path"]) for r in db.execute(
                 """SELECT path FROM reports WHERE study_uid = ?
-                   UNION ALL SELECT path FROM documents WHERE study_uid = ? AND path IS NOT NULL""",
-                (study_uid, study_uid))]
+                   UNION ALL SELECT path FROM documents WHERE study_uid = ? AND path IS NOT NULL
+                   UNION ALL SELECT path FROM feedback WHERE study_uid = ? AND path IS NOT NULL""",
+                (study_uid, study_uid, study_uid))]
         return files
+
+    def _feedback_due(self, now: float) -> list[FeedbackPurge]:
+        if self.policy.studies_days is None:
+            return []
+        cutoff = now - self.policy.studies_days * DAY
+        rows = self.store.db.execute(f"SELECT path {ORPHAN_FEEDBACK}", (cutoff,)).fetchall()
+        files = tuple(Path(r["path"]) for r in rows if r["path"])
+        return [FeedbackPurge(cutoff, len(rows), files)] if rows else []
 
     def _quarantine_due(self, now: float) -> list[QuarantinePurge]:
         folder = self.config.quarantine_dir
@@ -172,6 +203,8 @@ class Retention:
         done = 0
         for purge in plan.studies:
             done += self._purge_study(purge, by)
+        for feedback in plan.feedback:
+            done += self._purge_feedback(feedback, by)
         for purge in plan.quarantine:
             size, removed = purge.bytes(), self._unlink(purge.files, self.config.quarantine_dir)
             if removed:
@@ -199,6 +232,19 @@ class Retention:
                  files=removed, bytes=size)
         audit.study_purged(purge.study_uid, purge.what, purge.state, removed, size,
                            finished_at=purge.finished_at, by=by)
+        return 1
+
+    def _purge_feedback(self, purge: FeedbackPurge, by: str | None) -> int:
+        """Signed reports of studies the node does not hold, as they are when it runs."""
+        with self.store.transaction() as db:
+            files = [Path(r["path"]) for r in db.execute(
+                f"SELECT path {ORPHAN_FEEDBACK} AND path IS NOT NULL", (purge.cutoff,))]
+            reports = db.execute(f"DELETE {ORPHAN_FEEDBACK}", (purge.cutoff,)).rowcount
+        removed = self._unlink(files, self.config.state_dir)
+        if not reports:
+            return 0
+        log.info("retention.feedback_purged", reports=reports, files=removed)
+        audit.feedback_purged(reports, removed, by=by)
         return 1
 
     @staticmethod
@@ -247,6 +293,9 @@ def describe(plan: Plan, now: float) -> Sequence[tuple[str, str, str, str, str]]
              str(len(p.files)), _mb(p.bytes())) for p in plan.studies]
     rows += [("quarantine", f"{len(q.files)} file(s)", q.reason, str(len(q.files)),
               _mb(q.bytes())) for q in plan.quarantine]
+    rows += [("signed reports", f"{f.reports} without a study",
+              f"received over {(now - f.cutoff) / DAY:.0f} days ago", str(len(f.files)),
+              _mb(f.bytes())) for f in plan.feedback]
     return rows
 
 

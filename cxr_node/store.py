@@ -169,7 +169,51 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sr_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS reports_by_time ON reports (created_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    document TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    study_uid TEXT,
+    accession TEXT,
+    patient_ids TEXT,
+    path TEXT,
+    findings TEXT,
+    impression TEXT,
+    tried_at REAL NOT NULL DEFAULT 0,
+    sr_uid TEXT,
+    paired_at REAL,
+    model TEXT,
+    demo INTEGER,
+    scores TEXT,
+    labels TEXT,
+    misses TEXT,
+    UNIQUE (source, document)
+);
+CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (state, tried_at);
+CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (state, received_at);
+CREATE INDEX IF NOT EXISTS feedback_by_study ON feedback (study_uid);
+CREATE INDEX IF NOT EXISTS feedback_by_draft ON feedback (sr_uid);
+CREATE TABLE IF NOT EXISTS draft_orders (
+    sr_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    accession TEXT NOT NULL,
+    patient_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS draft_orders_by_accession ON draft_orders (accession);
+CREATE INDEX IF NOT EXISTS draft_orders_by_study ON draft_orders (study_uid);
 """
+"""``feedback``: signed reports (cxr_node/feedback.py), one row each: where it came from
+(``source``: dicom, hl7 or import) and what it was (``document``: its SOP Instance UID, the
+sender and MSH-10 of its ORU, or a hash of an imported line, so a re-send is known), its
+``state`` (received, waiting, paired, superseded, ignored, unpaired) and why, what it names to
+pair it by (study, accession, patient IDs as JSON), its text (findings, impression: PHI, kept
+under the retention rules), and once paired the draft (``sr_uid``, ``model``, ``demo``) with
+the scores, both texts' labels and the significant misses as JSON. ``draft_orders`` indexes each
+draft SR by its accession and patient ID, to pair signed reports that name an order only."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import structlog
 from cxr_node import __version__
 from cxr_node.config import Config
 from cxr_node.durable import free_mb
+from cxr_node.feedback import snapshot as feedback_snapshot
 from cxr_node.logs import study_key
 from cxr_node.metrics import JOB_STATES, StateCollector, exposition, scrape_registry
 from cxr_node.store import Store, StudyState
@@ -282,6 +283,7 @@ def status_snapshot(config: Config, store: Store, health: list[Check]) -> dict[s
         "outbox_counts": dict(db.execute(OUTBOX_COUNTS_SQL).fetchone()),
         "studies": studies,
         "outbox": outbox,
+        "feedback": feedback_snapshot(store, config.feedback),
     }
 
 

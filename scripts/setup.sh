@@ -10,7 +10,7 @@ SUDO=""
 # The peers the tests talk to: Redis (broker), dcmtk (a modality), Orthanc (a PACS),
 # dicom3tools (the SR validator), openssl (test certificates), Chromium (status page test),
 # systemd-analyze (unit checks).
-PACKAGES="redis-server dcmtk orthanc orthanc-dicomweb dicom3tools iproute2 openssl chromium systemd poppler-utils fonts-dejavu-core fonts-ipafont-gothic fonts-noto-color-emoji"
+PACKAGES="redis-server dcmtk orthanc orthanc-dicomweb dicom3tools iproute2 openssl chromium systemd poppler-utils fonts-dejavu-core fonts-ipafont-gothic fonts-noto-color-emoji default-jre-headless"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

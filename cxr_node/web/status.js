@@ -142,6 +142,40 @@ function renderOutbox(data) {
   }));
 }
 
+const FEEDBACK_CLASS = { paired: "ok", waiting: "work", received: "work", ignored: "idle",
+  superseded: "idle", unpaired: "bad" };
+
+function score(value) {
+  return value === null || value === undefined ? "–" : value.toFixed(3);
+}
+
+function renderFeedback(data) {
+  const f = data.feedback;
+  const r = f.rolling;
+  const reports = r.reports;
+  const misses = Object.entries(r["significant misses"]).map(([name, n]) => name + " " + n).join(", ");
+  const facts = [
+    ["Pairs in the window", r.pairs + " (last " + f.window.max_pairs + " pairs, " + f.window.days + " days)"],
+    ["ROUGE-L (pycocoevalcap)", score(r["ROUGE-L"])],
+    ["BLEU-2 (ReXrank)", score(r["BLEU-2"])],
+    ["Label F1, 14 observations (micro / macro)", score(r["label F1 micro (14)"]) + " / " + score(r["label F1 macro (14)"])],
+    ["Label F1, 5 common (micro / macro)", score(r["label F1 micro (5 common)"]) + " / " + score(r["label F1 macro (5 common)"])],
+    ["Pairs with a significant miss", r["significant miss share"] === null ? "–"
+      : Math.round(100 * r["significant miss share"]) + " %" + (misses ? " (" + misses + ")" : "")],
+    ["Waiting for a draft / unpaired / ignored", reports.waiting + " / " + reports.unpaired + " / " + reports.ignored],
+  ];
+  document.getElementById("agreement").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+  fill("feedback", "feedback-empty", f.recent.map((p) => row([
+    { text: p.study || "–", className: "mono" }, { text: p.source },
+    el("span", p.state, "badge badge-" + (FEEDBACK_CLASS[p.state] || "idle")),
+    { text: clock(p.received_at) }, { text: (p.model || "") + (p.demo && !/DEMO/.test(p.model || "") ? " (DEMO)" : "") },
+    { text: score(p["ROUGE-L"]), className: "num" }, { text: score(p["BLEU-2"]), className: "num" },
+    { text: score(p["label F1"]), className: "num" },
+    { text: p["significant misses"].join(", "), className: p["significant misses"].length ? "strong" : "" },
+    { text: p.reason || "", className: "reason", clamp: true },
+  ])));
+}
+
 async function refresh() {
   const banner = document.getElementById("offline");
   try {
@@ -155,6 +189,7 @@ async function refresh() {
     renderQueue(data);
     renderStudies(data);
     renderOutbox(data);
+    renderFeedback(data);
     banner.hidden = true;
   } catch (error) {
     banner.textContent = "Cannot reach the node (" + error.message + "); showing the last data received.";
