@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# The peers the tests talk to: Redis (broker), dcmtk (a modality), Orthanc (a PACS),
-# dicom3tools (the SR validator), openssl (test certificates), Chromium (status page test),
-# systemd-analyze (unit checks).
+# What the node itself uses: the fonts of the PDF and page renditions (Latin, Greek, Arabic,
+# Japanese, emoji) and Java for METEOR in `cxr-node eval`. The peers the tests talk to: Redis
+# (broker), dcmtk (a modality), Orthanc with its DICOMweb plugin (a PACS), dicom3tools (the SR
+# validator), poppler (pdftotext, pdfinfo), openssl (test certificates), Chromium (status page
+# test), systemd-analyze (unit checks).
 PACKAGES="redis-server dcmtk orthanc orthanc-dicomweb dicom3tools iproute2 openssl chromium systemd poppler-utils fonts-dejavu-core fonts-ipafont-gothic fonts-noto-color-emoji default-jre-headless"
 missing=""
 for p in $PACKAGES; do
