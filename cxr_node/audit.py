@@ -29,7 +29,7 @@ import pwd
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -349,6 +349,14 @@ def feedback_purged(reports: int, files: int, by: str | None = None) -> None:
     """Retention deleted signed reports of studies the node does not hold."""
     instruments().purges.labels("feedback").inc()
     record("retention.feedback_purged", reports=reports, files=files, by=by)
+
+
+def adapter_promotion(adapter: str, files: str, accepted: bool, reasons: Sequence[str],
+                      scores: Mapping[str, Any]) -> None:
+    """`cxr-node model promote` decided whether an adapter may draft live studies."""
+    record("model.promotion", adapter=adapter, files=files,
+           decision="accepted" if accepted else "refused", reasons=list(reasons),
+           scores=dict(scores), by=operator())
 
 
 @_guarded

@@ -37,6 +37,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from cxr_node.adaptation.promote import unpromoted
     from cxr_node.logs import configure_logging
     from cxr_node.node import Node, build_stages
     from cxr_node.store import Store
@@ -46,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_tls_files(config)  # a wrong certificate or key is a configuration error, found now
     configure_logging(config.logging.level, config.logging.phi)
     store = Store(config.database_path)
+    refused = unpromoted(config, store)
+    if refused:
+        raise ConfigError([f"{config.source}: {refused}"])
     return Node(config, build_stages(config, store)).run()
 
 
@@ -273,6 +277,89 @@ def cmd_model_identity(args: argparse.Namespace) -> int:
         return 2
     print(f"# {identity.description}: put this in the node's configuration")
     print(yaml.safe_dump({"model": {"identity": identity.model_dump()}}, sort_keys=False), end="")
+    return 0
+
+
+def cmd_model_promote(args: argparse.Namespace) -> int:
+    from cxr_node.adaptation.promote import LABEL_F1, PromoteError, promote
+    from cxr_node.logs import configure_logging
+
+    configure_logging("WARNING")
+    config = _config(args)
+    try:
+        decision = promote(config, args.adapter, remeasure=args.remeasure)
+    except PromoteError as exc:
+        print(f"cxr-node model promote: {exc}", file=sys.stderr)
+        return 2
+    if decision.service and decision.candidate:
+        rows = [(name, _score(getter(decision.service)), _score(getter(decision.candidate)))
+                for name, getter in ((LABEL_F1, lambda h: h.scores.get(LABEL_F1)),
+                                     ("significant misses", lambda h: h.significant_misses),
+                                     ("ROUGE-L", lambda h: h.scores.get("ROUGE-L")),
+                                     ("held-out studies", lambda h: h.studies))]
+        _table(["held-out score", f"in service: {decision.service.model}",
+                f"candidate: {decision.candidate.model}"], rows)
+    if decision.accepted:
+        print(f"ACCEPTED {decision.adapter}: set model.adapter to {args.adapter} in the "
+              "configuration of the node and the workers, then restart them")
+        return 0
+    print(f"REFUSED {decision.adapter}:")
+    for reason in decision.reasons:
+        print(f"  {reason}")
+    return 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxr_node.adaptation.pairs import PairsError
+    from cxr_node.adaptation.split import SplitError
+    from cxr_node.evaluation.datasets import DatasetError
+    from cxr_node.logs import configure_logging
+    from workers.training import TrainError, TrainRequest, TrainSettings, train
+
+    configure_logging("INFO")
+    config = load_config(args.config or default_config_path()) if args.config or \
+        args.from_node else Config()
+    model = config.model.model_copy(update={"path": args.base, **(
+        {"device": args.device} if args.device else {})})
+    settings = TrainSettings(
+        quantization=args.quantization, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+        learning_rate=args.learning_rate, epochs=args.epochs, accumulate=args.accumulate,
+        warmup_steps=args.warmup_steps, projector_steps=args.projector_steps,
+        projector_learning_rate=args.projector_learning_rate,
+        heldout_fraction=args.heldout_fraction, seed=args.seed,
+        max_target_tokens=args.max_target_tokens)
+    request = TrainRequest(config.model_copy(update={"model": model}), args.out, args.data,
+                           settings, args.checkpoint_every, not args.no_eval, args.name,
+                           args.allow_outside_paths)
+    try:
+        card = train(request)
+    except (TrainError, DatasetError, SplitError, PairsError) as exc:
+        print(f"cxr-node train: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cxr-node train: stopped; the same command resumes from the last checkpoint in "
+              f"{args.out}", file=sys.stderr)
+        return 130
+    print(card.model_dump_json(indent=2))
+    print(f"adapter {card.name}@{card.version} written to {args.out}; judge it with "
+          f"`cxr-node model promote {args.out}`", file=sys.stderr)
+    return 0
+
+
+def cmd_corpus_build(args: argparse.Namespace) -> int:
+    from cxr_node.adaptation.corpus import CorpusError, build_covid_corpus, summary_lines
+
+    try:
+        corpus = build_covid_corpus(args.collection, args.out, args.allow_non_commercial,
+                                    args.table)
+    except CorpusError as exc:
+        print(f"cxr-node corpus build: {exc}", file=sys.stderr)
+        return 2
+    for line in summary_lines(corpus):
+        print(line)
+    print(f"manifest {args.out / 'corpus.jsonl'}; records left out and why in "
+          f"{args.out / 'corpus-report.json'}; ATTRIBUTION.md names each kept record's origin",
+          file=sys.stderr)
     return 0
 
 
@@ -564,6 +651,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the workers' YAML configuration")
     p.set_defaults(func=cmd_model_identity)
 
+    p = model.add_parser(
+        "promote", help="judge an adapter trained by `cxr-node train` against the model in "
+                        "service on its held-out studies; refuse it when it is worse by more "
+                        "than adaptation.promote.*; the decision goes to the audit trail, and "
+                        "the node serves only an accepted adapter (exit 0 accepted, 1 refused)")
+    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR")
+    p.add_argument("--remeasure", action="store_true",
+                   help="evaluate both models on the held-out studies now instead of taking the "
+                        "card's scores (which whoever can write the adapter folder can edit)")
+    _config_option(p)
+    p.set_defaults(func=cmd_model_promote)
+    _train_parser(sub)
+    corpus = sub.add_parser("corpus", help="training corpora from public case collections") \
+        .add_subparsers(dest="what", required=True)
+    p = corpus.add_parser(
+        "build", help="a training manifest from a COVID-19 image data collection folder "
+                      "(metadata.csv and images/): each record with its licence; records whose "
+                      "licence does not allow training (none, ND, NC) are left out and listed")
+    p.add_argument("collection", type=Path, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="a new folder")
+    p.add_argument("--table", type=Path, metavar="CSV",
+                   help="the collection's table (default: DIR/metadata.csv)")
+    p.add_argument("--allow-non-commercial", action="store_true",
+                   help="also keep NC (non-commercial only) records: only for non-commercial use")
+    p.set_defaults(func=cmd_corpus_build)
+
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="what", required=True)
     p = cfg.add_parser("check", help="validate a configuration file and print it as the node sees it")
     p.add_argument("file", type=Path)
@@ -631,6 +744,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_eval_compare)
     return parser
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from cxr_node.adaptation.settings import TrainSettings
+
+    defaults = TrainSettings()
+    p = sub.add_parser(
+        "train", help="fit a QLoRA adapter on a base model (peft + bitsandbytes nf4) with a "
+                      "held-out split by patient, checkpoints that resume after a kill, and an "
+                      "evaluation of base and adapter on the held-out studies; writes the "
+                      "adapter, its card, and training/ (plan, loss log, checkpoints, runs)")
+    p.add_argument("--base", type=Path, required=True, metavar="DIR", help="base model folder")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, metavar="MANIFEST",
+                      help="a manifest (.csv or .jsonl, as for eval run; corpus build writes one)")
+    data.add_argument("--from-node", action="store_true",
+                      help="the studies the node drafted and holds signed reports for "
+                           "(identifiers taken out of the text)")
+    p.add_argument("--out", type=Path, required=True, metavar="ADAPTER_DIR")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="the node's configuration: prompt, image and generation settings, "
+                        "limits, state (--from-node); default: built-in defaults, or "
+                        "$CXR_NODE_CONFIG / /etc/cxr-node/cxr-node.yaml with --from-node")
+    p.add_argument("--name", help="the adapter's name in the SRs (default: ADAPTER_DIR's name)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    for option, kind, help in TRAIN_OPTIONS:
+        p.add_argument(option, type=kind, default=getattr(defaults, _dest(option)),
+                       help=f"{help} (default %(default)s)")
+    p.add_argument("--quantization", choices=["nf4", "int8", "none"], default="nf4",
+                   help="the base model's weights while training (default nf4: QLoRA)")
+    p.add_argument("--checkpoint-every", type=_positive(int), default=50, metavar="STEPS")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the held-out evaluation (the adapter then cannot be promoted)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let the manifest name images outside its folder")
+    p.set_defaults(func=cmd_train)
+
+
+def _dest(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
+
+
+TRAIN_OPTIONS: tuple[tuple[str, Callable[[str], int | float], str], ...] = (
+    ("--epochs", _positive(int), "passes over the training studies"),
+    ("--learning-rate", _positive(float), "LoRA learning rate"),
+    ("--accumulate", _positive(int), "studies per optimizer step (gradient accumulation)"),
+    ("--rank", _positive(int), "LoRA rank"),
+    ("--alpha", _positive(int), "LoRA alpha"),
+    ("--dropout", float, "LoRA dropout"),
+    ("--warmup-steps", int, "steps of linear warm-up"),
+    ("--projector-steps", int, "steps of a first stage that trains only the projector (0: none)"),
+    ("--projector-learning-rate", _positive(float), "the projector stage's learning rate"),
+    ("--heldout-fraction", _positive(float), "share of patients held out"),
+    ("--seed", int, "seed of the split, the order and the initial weights"),
+    ("--max-target-tokens", _positive(int), "longest report learnt, in tokens"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

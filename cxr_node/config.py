@@ -687,6 +687,21 @@ class FeedbackConfig(_Section):
                                description="rolling agreement: pairs of at most this many days")
 
 
+class PromoteConfig(_Section):
+    """How much worse than the model in service an adapter may be on its held-out studies."""
+
+    max_label_f1_drop: float = Field(
+        0.0, ge=0, le=1, description="label F1 (micro, 14 observations) the adapter may lose")
+    max_added_significant_misses: int = Field(
+        0, ge=0, description="held-out reports with a significant miss the adapter may add")
+
+
+class AdaptationConfig(_Section):
+    """Site adaptation: `cxr-node train` and the guard before an adapter drafts live studies."""
+
+    promote: PromoteConfig = PromoteConfig()
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -704,6 +719,7 @@ class Config(BaseModel):
     logging: LoggingConfig = LoggingConfig()
     http: HttpConfig = HttpConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    adaptation: AdaptationConfig = AdaptationConfig()
 
     source: Path | None = Field(None, exclude=True)
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cxr_node.identity")
 
 MANIFEST_NAME = "cxr-model.json"
+CARD_NAME = "adapter-card.json"  # cxr_node.adaptation.card reads it
 _PARTIAL_HASH_BYTES = 1 << 20  # files above 2 MiB are fingerprinted by size + first and last MiB
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 LO_BYTES = 64
@@ -107,15 +108,56 @@ def _file_digest(path: Path) -> str:
 
 
 def _folder_digest(folder: Path, label: str) -> list[Any]:
+    """Every file of the folder but the descriptions (manifest, adapter card): what the model
+    computes with. Sub-folders (an adapter's training work) do not count."""
     return [
         [label, p.name, p.stat().st_size, _file_digest(p)]
         for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST_NAME
+        if p.is_file() and p.name not in (MANIFEST_NAME, CARD_NAME)
     ]
 
 
 def _digest(parts: list[Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def weights_checksum(model_dir: Path) -> str:
+    """sha256 over a base model's files alone (no settings): what an adapter card names as its
+    base, so that a change of prompt or quantization does not orphan an adapter."""
+    return _digest(_folder_digest(Path(model_dir), "model"))
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    """sha256 over an adapter's files (weights and configuration, not its card or manifest)."""
+    return _digest(_folder_digest(Path(adapter_dir), "adapter"))
+
+
+def adapter_version(adapter_dir: Path) -> str:
+    """The short digest of an adapter's files: its version when its manifest gives none."""
+    return adapter_digest(adapter_dir)[:12]
+
+
+def check_adapter_base(adapter_dir: Path, model_dir: Path) -> None:
+    """IdentityError when the adapter's card names another base model than ``model_dir``'s.
+
+    A LoRA adapter loads onto any model of the same shape and then writes fluent nonsense; the
+    card is the only record of which weights it was trained on. An adapter without a card (one
+    trained elsewhere) is not checked here; `cxr-node model promote` needs a card.
+    """
+    from cxr_node.adaptation.card import CardError, read_card
+
+    try:
+        card = read_card(adapter_dir)
+    except CardError as exc:
+        raise IdentityError(str(exc)) from None
+    if card is None:
+        return
+    found = weights_checksum(model_dir)
+    if card.base.checksum != found:
+        raise IdentityError(
+            f"adapter {adapter_dir} was trained on {card.base.name} {card.base.version} "
+            f"(checksum {card.base.checksum[:12]}...), not on the model in {model_dir} "
+            f"(checksum {found[:12]}...): load it on its base, or train one for this model")
 
 
 def fingerprint(config: ModelConfig, model_dir: Path) -> str:
@@ -175,8 +217,9 @@ def model_identity(config: ModelConfig, model_dir: Path) -> ModelIdentity:
     adapter = None
     if config.adapter is not None:
         adapter_dir = Path(config.adapter)
+        check_adapter_base(adapter_dir, model_dir)
         adapter_manifest = read_manifest(adapter_dir)
-        version = adapter_manifest.get("version") or _digest(_folder_digest(adapter_dir, "adapter"))[:12]
+        version = adapter_manifest.get("version") or adapter_version(adapter_dir)
         adapter = f"{adapter_manifest.get('name', adapter_dir.resolve().name)}@{version}"
     try:
         return ModelIdentity(

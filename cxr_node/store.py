@@ -205,6 +205,16 @@ CREATE TABLE IF NOT EXISTS draft_orders (
 );
 CREATE INDEX IF NOT EXISTS draft_orders_by_accession ON draft_orders (accession);
 CREATE INDEX IF NOT EXISTS draft_orders_by_study ON draft_orders (study_uid);
+CREATE TABLE IF NOT EXISTS promotions (
+    id INTEGER PRIMARY KEY,
+    adapter TEXT NOT NULL,
+    files TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    decided_at REAL NOT NULL,
+    operator TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS promotions_by_files ON promotions (files);
 """
 """``feedback``: signed reports (cxr_node/feedback.py), one row each: where it came from
 (``source``: dicom, hl7 or import) and what it was (``document``: its SOP Instance UID, the
@@ -213,7 +223,10 @@ sender and MSH-10 of its ORU, or a hash of an imported line, so a re-send is kno
 pair it by (study, accession, patient IDs as JSON), its text (findings, impression: PHI, kept
 under the retention rules), and once paired the draft (``sr_uid``, ``model``, ``demo``) with
 the scores, both texts' labels and the significant misses as JSON. ``draft_orders`` indexes each
-draft SR by its accession and patient ID, to pair signed reports that name an order only."""
+draft SR by its accession and patient ID, to pair signed reports that name an order only.
+``promotions``: each `cxr-node model promote` decision, by the adapter's label (name@version)
+and the digest of its files (cxr_node/adaptation/promote.py); the node serves only an adapter
+whose last decision was to accept it."""
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ from workers.payload import (  # noqa: E402
     request_id_of,
 )
 
-__all__ = ["MANIFEST_NAME", "ModelLoadError", "ReportModel", "load_model"]  # MANIFEST_NAME: re-exported
+__all__ = ["MANIFEST_NAME", "LoadedBase", "ModelLoadError", "ReportModel", "load_base", "load_model"]  # MANIFEST_NAME: re-exported
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +85,7 @@ class Architecture:
     model_type: str
     vision_modules: tuple[str, ...]  # vision encoder + projector, kept unquantized with lm_head
     letterbox: bool  # the processor squashes or crops to a fixed square
+    projector: str  # maps image features to the language model: an adapter's optional first stage
     max_images: int | None = None
 
 
@@ -92,12 +93,13 @@ _SIGLIP_STYLE = ("model.vision_tower", "model.multi_modal_projector")
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
-        Architecture("gemma3", _SIGLIP_STYLE, letterbox=True),  # MedGemma
-        Architecture("llava", _SIGLIP_STYLE, letterbox=True),  # CLIP centre-crops
-        Architecture("paligemma", _SIGLIP_STYLE, letterbox=True, max_images=1),
-        Architecture("idefics3", ("model.vision_model", "model.connector"), letterbox=True),
-        Architecture("qwen2_vl", ("model.visual",), letterbox=False),  # native aspect ratio
-        Architecture("qwen2_5_vl", ("model.visual",), letterbox=False),
+        Architecture("gemma3", _SIGLIP_STYLE, True, _SIGLIP_STYLE[1]),  # MedGemma
+        Architecture("llava", _SIGLIP_STYLE, True, _SIGLIP_STYLE[1]),  # CLIP centre-crops
+        Architecture("paligemma", _SIGLIP_STYLE, True, _SIGLIP_STYLE[1], max_images=1),
+        Architecture("idefics3", ("model.vision_model", "model.connector"), True, "model.connector"),
+        # Qwen2-VL keeps the image's aspect ratio; its merger is the projector
+        Architecture("qwen2_vl", ("model.visual",), False, "model.visual.merger"),
+        Architecture("qwen2_5_vl", ("model.visual",), False, "model.visual.merger"),
     )
 }
 
@@ -232,8 +234,21 @@ def load_processor(model_dir: Path) -> ProcessorMixin:
         return image_only_processor_class(declared).from_pretrained(model_dir, local_files_only=True)
 
 
-def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
-    """Load processor, weights (quantized as configured) and the optional LoRA adapter."""
+@dataclass
+class LoadedBase:
+    """A base model as loaded for drafting or for training an adapter on it."""
+
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    arch: Architecture
+    identity: ModelIdentity
+    device: str
+    dtype: torch.dtype
+
+
+def load_base(config: ModelConfig, model_dir: Path) -> LoadedBase:
+    """Processor and weights (quantized as configured), without the adapter; `identity` is the
+    identity of the model with `config`'s settings, adapter included."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     if config.adapter is not None:
@@ -254,7 +269,6 @@ def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
         # Leave half the cores to the node (receivers, SQLite); on a busy 2-core machine two
         # threads made a small model's generate 5-10x slower than one.
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    started = time.perf_counter()
     try:
         processor = load_processor(model_dir)
         model = AutoModelForImageTextToText.from_pretrained(
@@ -265,27 +279,39 @@ def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
             device_map={"": device},
             use_safetensors=True,
         )
-        if config.adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(config.adapter), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         raise ModelLoadError(f"cannot load the model in {model_dir}: {exc}") from exc
     if processor.chat_template is None and getattr(processor, "image_token", None) is None:
         raise ModelLoadError(f"{model_dir}: the processor has neither a chat template nor an image token")
-    processor.tokenizer.padding_side = "left"  # decoder-only batching: prompts end where text starts
+    return LoadedBase(model, processor, arch, identity, device, dtype)
+
+
+def load_model(config: ModelConfig, model_dir: Path) -> ReportModel:
+    """Load processor, weights (quantized as configured) and the optional LoRA adapter."""
+    started = time.perf_counter()
+    base = load_base(config, model_dir)
+    model = base.model
+    if config.adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(config.adapter), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot load the adapter in {config.adapter}: {exc}") from exc
+    base.processor.tokenizer.padding_side = "left"  # decoder-only batching: prompts end where text starts
+    identity = base.identity
     log.info(
         "model loaded",
         model=identity.name,
         version=identity.version,
-        architecture=arch.model_type,
+        architecture=base.arch.model_type,
         quantization=config.quantization,
         adapter=identity.adapter,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
+        device=base.device,
+        dtype=str(base.dtype).removeprefix("torch."),
         seconds=round(time.perf_counter() - started, 2),
     )
-    return ReportModel(model.eval(), processor, arch, identity, config, device)
+    return ReportModel(model.eval(), base.processor, base.arch, identity, config, base.device)
 
 
 def letterbox(image: Image.Image) -> Image.Image:
@@ -306,7 +332,8 @@ def views_phrase(views: Sequence[str]) -> str:
 @dataclass
 class _Prepared:
     request_id: str
-    text: str
+    prompt: str  # the instruction, before the model's conversation format
+    text: str  # the prompt as the model reads it
     images: list[Image.Image]
     notes: list[str]
 
@@ -409,16 +436,27 @@ class ReportModel:
             else:  # this worker is set not to read free text (it may hold PHI)
                 notes.append("indication ignored: model.send_indication is off on the worker")
         prompt = self.config.prompt.format(views=views_phrase([i.view for i in images]), indication=indication)
-        return _Prepared(request.request_id, self._render(prompt, len(pixels)), pixels, notes)
+        return _Prepared(request.request_id, prompt, self._render(prompt, len(pixels)), pixels, notes)
 
-    def _render(self, prompt: str, n_images: int) -> str:
-        """The prompt in the model's own conversation format, with one image slot per image."""
+    def _render(self, prompt: str, n_images: int, answer: str | None = None) -> str:
+        """The prompt in the model's own conversation format, with one image slot per image;
+        with `answer`, the conversation that goes on with it as the model's turn (training)."""
         if self.processor.chat_template is not None:
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-            messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            return self.processor.apply_chat_template(
+                messages, add_generation_prompt=answer is None, tokenize=False)
         # PaliGemma style: image tokens first; the processor adds BOS after them.
-        return self.processor.image_token * n_images + prompt
+        text = self.processor.image_token * n_images + prompt
+        return text if answer is None else f"{text}\n{answer}{self.processor.tokenizer.eos_token}"
+
+    def conversation(self, raw: Mapping[str, Any], answer: str) -> tuple[str, str, list[Image.Image]]:
+        """For training: the prompt exactly as drafting renders it for the request `raw`, the
+        same conversation with `answer` as the model's turn, and the images it sees."""
+        prepared = self._prepare(raw)
+        return prepared.text, self._render(prepared.prompt, len(prepared.images), answer), prepared.images
 
     def model_inputs(self, requests: Sequence[Mapping[str, Any]]) -> BatchFeature:
         """The tensors the model sees for valid `requests` (raises PayloadError for a bad one)."""

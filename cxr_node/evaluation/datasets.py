@@ -22,6 +22,7 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ IU_REPORTS = "NLMCXR_reports.tgz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 LIST_SEPARATOR = "|"
 """Between the images (and the views) of one study in a CSV cell, as in NIH's label files."""
-COLUMNS = ("id", "images", "views", "findings", "impression", "patient_id")
+COLUMNS = ("id", "images", "views", "findings", "impression", "patient_id", "day", "source",
+           "licence")
+"""day (YYYY-MM-DD), source and licence are optional: a training corpus keeps each record's
+licence with it, and an adapter card reports the sources and dates it learnt from."""
+MAX_SOURCE_CHARS = 200
 REQUIRED = ("id", "images", "findings", "impression")
 VIEWS = {"PA": View.PA, "AP": View.AP, "LATERAL": View.LATERAL, "LAT": View.LATERAL,
          "LL": View.LATERAL, "RL": View.LATERAL, "UNKNOWN": View.UNKNOWN}
@@ -83,6 +88,9 @@ class Study:
     findings: str
     impression: str
     patient_id: str | None = None
+    day: str | None = None
+    source: str | None = None
+    licence: str | None = None
 
     @property
     def reference(self) -> str:
@@ -178,7 +186,8 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, Row | str]]:
     if unknown or missing or len(set(header)) != len(header):
         raise DatasetError([
             f"{path}:1: the header must name the columns {', '.join(REQUIRED)} and optionally "
-            f"views, patient_id, each once; found {', '.join(map(ascii, header)) or 'nothing'}"])
+            f"{', '.join(c for c in COLUMNS if c not in REQUIRED)}, each once; found "
+            f"{', '.join(map(ascii, header)) or 'nothing'}"])
     while True:
         try:
             cells = next(reader)
@@ -222,9 +231,9 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, Row | str]]:
             continue
         unknown = sorted(set(value) - set(COLUMNS) - {"views"})
         if unknown or "views" in value:
-            yield number, (f"unknown key {ascii((unknown or ['views'])[0])} (expected: id, "
-                           'images, findings, impression, patient_id; a view goes with its '
-                           'image: {"path": ..., "view": ...})')
+            known = ", ".join(c for c in COLUMNS if c != "views")
+            yield number, (f"unknown key {ascii((unknown or ['views'])[0])} (expected: {known}; "
+                           'a view goes with its image: {"path": ..., "view": ...})')
             continue
         yield number, value
 
@@ -245,7 +254,22 @@ def _study(row: Row, folder: Path, allow_outside: bool) -> Study:
         findings=texts["findings"],
         impression=texts["impression"],
         patient_id=_identifier(row.get("patient_id"), "patient_id", MAX_PATIENT_ID_CHARS),
+        day=_day(row.get("day")),
+        source=_identifier(row.get("source"), "source", MAX_SOURCE_CHARS),
+        licence=_identifier(row.get("licence"), "licence", MAX_SOURCE_CHARS),
     )
+
+
+def _day(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    try:
+        if len(text) != 10:
+            raise ValueError
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ValueError('"day" must be a date as YYYY-MM-DD') from None
 
 
 def _identifier(value: Any, key: str, limit: int, required: bool = False) -> str | None:
