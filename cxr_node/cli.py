@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_tls_files(config)  # a wrong certificate or key is a configuration error, found now
     configure_logging(config.logging.level, config.logging.phi)
     store = Store(config.database_path)
-    refused = unpromoted(config, store)
+    refused = unpromoted(config, store.db)
     if refused:
         raise ConfigError([f"{config.source}: {refused}"])
     return Node(config, build_stages(config, store)).run()
@@ -64,12 +64,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from cxr_node.adaptation.promote import promotion_note
     from cxr_node.identity import identity_notes
 
     config = load_config(args.file)
     print(f"{args.file}: OK", file=sys.stderr)
-    for line in identity_notes(config):
-        print(line, file=sys.stderr)
+    for line in [*identity_notes(config), promotion_note(config)]:
+        if line:
+            print(line, file=sys.stderr)
     if not args.connect:
         print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
         return 0

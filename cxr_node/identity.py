@@ -27,6 +27,7 @@ import json
 import os
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -259,25 +260,45 @@ def check_pinned_identity(config: ModelConfig, model_dir: Path) -> None:
 
 
 class ExpectedModel:
-    """The node's side: which model its SRs name, and the check of each worker's claim."""
+    """The node's side: which model its SRs name, and the check of each worker's claim.
 
-    def __init__(self, config: ModelConfig, model_dir: Path):
+    ``refusal`` (the node passes `adaptation.promote.unpromoted`) says why the configured adapter
+    may not draft, or None; it is asked again whenever the model's files change, so an adapter
+    replaced on disk after its promotion fails every draft until it is promoted in turn.
+    """
+
+    def __init__(self, config: ModelConfig, model_dir: Path,
+                 refusal: Callable[[], str | None] | None = None):
         self.config = config
         self.model_dir = Path(model_dir)
-        self._computed: tuple[Any, ModelIdentity] | None = None
+        self._refusal_of = refusal
+        self._computed: tuple[Any, ModelIdentity, str | None] | None = None
         self._warned = False
 
     def expected(self) -> tuple[ModelIdentity, str] | None:
         """The identity the node expects and where it comes from, or None if it cannot know."""
         if self.config.identity is not None:
+            if self._computed is None:
+                self._computed = (None, self.config.identity, self._refusal())
+            self._refused(self._computed[2])
             return self.config.identity, "model.identity"
         try:
             signature = self._signature()
         except OSError:
             return None  # not here, or not readable by the node (a worker-only folder)
         if self._computed is None or self._computed[0] != signature:
-            self._computed = (signature, model_identity(self.config, self.model_dir))
+            self._computed = (signature, model_identity(self.config, self.model_dir),
+                              self._refusal())
+        self._refused(self._computed[2])
         return self._computed[1], f"the model in {self.model_dir}"
+
+    def _refusal(self) -> str | None:
+        return self._refusal_of() if self._refusal_of is not None else None
+
+    @staticmethod
+    def _refused(why: str | None) -> None:
+        if why is not None:
+            raise IdentityError(why)
 
     def identity_for(self, reported: ModelIdentity) -> ModelIdentity:
         """What the SR of a draft from a worker reporting ``reported`` names as its model.

@@ -46,6 +46,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from cxr_node import audit
+from cxr_node.adaptation.promote import unpromoted
 from cxr_node.assemble import route
 from cxr_node.config import Config
 from cxr_node.decoder import DecoderProcess
@@ -97,7 +98,8 @@ class DraftQueue:
         self.store = store
         self.app = app or make_celery(config)
         self.clock = clock
-        self.model = ExpectedModel(config.model, config.model_path)
+        self.model = ExpectedModel(config.model, config.model_path,
+                                   refusal=lambda: unpromoted(config, store.db))
         self._next_retry_at: float | None = None
         self._pixels: dict[int, list[Any]] = {}  # job id -> prepared images, until sent
         self._decoder = DecoderProcess(config.limits)  # decoding never runs in this process

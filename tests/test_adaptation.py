@@ -430,18 +430,36 @@ def test_promote_accepts_a_better_adapter_refuses_a_worse_one_and_the_node_serve
     assert [r["decision"] for r in decisions] == ["accepted", "refused"]
     assert decisions[1]["scores"]["candidate"]["significant_misses"] == 2
     store = Store(config.database_path)
-    assert unpromoted(config, store) is None
+    assert unpromoted(config, store.db) is None
+    # the node vouches for the accepted adapter's drafts, and stops when its files change on disk
+    # (a worker restarted on the new files reports their fingerprint: it is refused all the same)
+    expected = ExpectedModel(config.model, demo_model, refusal=lambda: unpromoted(config, store.db))
+    assert expected.identity_for(model_identity(config.model, demo_model)).adapter is not None
+    with (site["adapter"] / "adapter_config.json").open("a") as file:
+        file.write("\n")
+    try:
+        with pytest.raises(IdentityError, match="has not passed `cxr-node model promote`"):
+            expected.identity_for(model_identity(config.model, demo_model))
+    finally:
+        path = site["adapter"] / "adapter_config.json"
+        path.write_text(path.read_text()[:-1])
+    assert expected.identity_for(model_identity(config.model, demo_model)).adapter is not None
     serving_worse = _config(folder / "normal", demo_model, worse)
     refused_node = load_config(serving_worse)
     refused_node.state_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(config.database_path, refused_node.database_path)
-    message = unpromoted(refused_node, Store(refused_node.database_path))
+    message = unpromoted(refused_node, Store(refused_node.database_path).db)
     assert message is not None and "was refused by `cxr-node model promote`" in message
     serve = cli("serve", "--config", serving_worse, timeout=60)
     assert serve.returncode == 2 and "cxr-node model promote" in serve.stderr
     # an adapter never judged is not served either
     never = load_config(_config(folder / "never", demo_model, site["adapter"]))
-    assert "has not passed" in (unpromoted(never, Store(never.database_path)) or "")
+    assert "has not passed" in (unpromoted(never, None) or "")
+    check = cli("config", "check", serving_worse)
+    assert check.returncode == 0 and "adapter: model.adapter: the adapter in" in check.stderr
+    assert "was refused by" in check.stderr
+    check = cli("config", "check", in_service)
+    assert "adapter: accepted by `cxr-node model promote`" in check.stderr
     # a card edited to flatter the adapter fools the card's numbers, not a measurement
     card = json.loads((worse / CARD_NAME).read_text())
     card["heldout"]["adapter"]["scores"]["label F1 micro (14)"] = 1.0

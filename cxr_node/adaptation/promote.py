@@ -17,6 +17,7 @@ whose last decision accepted it (`unpromoted`, checked when the node starts): ch
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,27 +165,53 @@ def _record(config: Config, decision: Decision) -> None:
                             decision.reasons, decision.scores())
 
 
-def unpromoted(config: Config, store: Store) -> str | None:
-    """Why the configured adapter may not be served, or None (no adapter, or accepted)."""
+def unpromoted(config: Config, db: sqlite3.Connection | None) -> str | None:
+    """Why the configured adapter may not be served, or None (no adapter, or accepted).
+    ``db``: the node's state database (None: there is none yet)."""
     adapter = config.model.adapter
     if adapter is None:
         return None
     pinned = config.model.identity
     if pinned is not None:
-        row = store.db.execute("SELECT accepted FROM promotions WHERE adapter = ? ORDER BY id DESC "
-                               "LIMIT 1", (pinned.adapter or "",)).fetchone()
+        row = _last_decision(db, "adapter", pinned.adapter or "")
         what = f"the adapter model.identity names ({pinned.adapter})"
     else:
         try:
             files = adapter_digest(Path(adapter))
         except OSError:
             return None  # not readable here: the node cannot vouch for the model, drafts are DEMO
-        row = store.db.execute("SELECT accepted FROM promotions WHERE files = ? ORDER BY id DESC "
-                               "LIMIT 1", (files,)).fetchone()
+        row = _last_decision(db, "files", files)
         what = f"the adapter in {adapter}"
-    if row is not None and row["accepted"]:
+    if row is not None and row[0]:
         return None
     verdict = "was refused by" if row is not None else "has not passed"
     return (f"model.adapter: {what} {verdict} `cxr-node model promote`; promote it (it must "
             "score at least as well as the model in service on its held-out studies), or "
             "remove model.adapter")
+
+
+def _last_decision(db: sqlite3.Connection | None, column: str, value: str) -> tuple[int] | None:
+    if db is None:
+        return None
+    try:
+        return db.execute(f"SELECT accepted FROM promotions WHERE {column} = ? "  # noqa: S608
+                          "ORDER BY id DESC LIMIT 1", (value,)).fetchone()
+    except sqlite3.OperationalError:  # a database from before promotions existed
+        return None
+
+
+def promotion_note(config: Config) -> str | None:
+    """For `cxr-node config check`: whether the configured adapter may be served, read from the
+    node's state without changing it."""
+    if config.model.adapter is None:
+        return None
+    path = config.database_path
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.is_file() else None
+    try:
+        why = unpromoted(config, db)
+    except sqlite3.Error as exc:
+        return f"adapter: cannot read the promotions in {path} ({exc})"
+    finally:
+        if db is not None:
+            db.close()
+    return f"adapter: {why}" if why else "adapter: accepted by `cxr-node model promote`"
