@@ -24,6 +24,11 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def private_opener(path: str, flags: int) -> int:
+    """An ``opener`` for open(): a file it creates is private to the node's user (0600)."""
+    return os.open(path, flags, FILE_MODE)
+
+
 def write_atomic(path: Path, chunks: bytes | Iterable[bytes], fsync: bool = True) -> None:
     """Write ``chunks`` to ``path`` so that the file appears complete or not at all."""
     directory = private_dir(path.parent)

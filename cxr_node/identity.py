@@ -138,6 +138,14 @@ def adapter_version(adapter_dir: Path) -> str:
     return adapter_digest(adapter_dir)[:12]
 
 
+def adapter_label(adapter_dir: Path) -> str:
+    """name@version of an adapter as the SRs give it: its manifest's, else the folder's name and
+    the short digest of its files."""
+    manifest = read_manifest(adapter_dir)
+    version = manifest.get("version") or adapter_version(adapter_dir)
+    return f"{manifest.get('name', Path(adapter_dir).resolve().name)}@{version}"
+
+
 def check_adapter_base(adapter_dir: Path, model_dir: Path) -> None:
     """IdentityError when the adapter's card names another base model than ``model_dir``'s.
 
@@ -217,11 +225,8 @@ def model_identity(config: ModelConfig, model_dir: Path) -> ModelIdentity:
     manifest = read_manifest(model_dir)
     adapter = None
     if config.adapter is not None:
-        adapter_dir = Path(config.adapter)
-        check_adapter_base(adapter_dir, model_dir)
-        adapter_manifest = read_manifest(adapter_dir)
-        version = adapter_manifest.get("version") or adapter_version(adapter_dir)
-        adapter = f"{adapter_manifest.get('name', adapter_dir.resolve().name)}@{version}"
+        check_adapter_base(Path(config.adapter), model_dir)
+        adapter = adapter_label(Path(config.adapter))
     try:
         return ModelIdentity(
             name=manifest.get("name", model_dir.resolve().name),
@@ -277,28 +282,21 @@ class ExpectedModel:
 
     def expected(self) -> tuple[ModelIdentity, str] | None:
         """The identity the node expects and where it comes from, or None if it cannot know."""
-        if self.config.identity is not None:
-            if self._computed is None:
-                self._computed = (None, self.config.identity, self._refusal())
-            self._refused(self._computed[2])
-            return self.config.identity, "model.identity"
-        try:
-            signature = self._signature()
-        except OSError:
-            return None  # not here, or not readable by the node (a worker-only folder)
+        pinned = self.config.identity
+        signature = None  # a pinned identity is read once
+        if pinned is None:
+            try:
+                signature = self._signature()
+            except OSError:
+                return None  # not here, or not readable by the node (a worker-only folder)
         if self._computed is None or self._computed[0] != signature:
-            self._computed = (signature, model_identity(self.config, self.model_dir),
-                              self._refusal())
-        self._refused(self._computed[2])
-        return self._computed[1], f"the model in {self.model_dir}"
-
-    def _refusal(self) -> str | None:
-        return self._refusal_of() if self._refusal_of is not None else None
-
-    @staticmethod
-    def _refused(why: str | None) -> None:
-        if why is not None:
-            raise IdentityError(why)
+            identity = pinned or model_identity(self.config, self.model_dir)
+            refusal = self._refusal_of() if self._refusal_of is not None else None
+            self._computed = (signature, identity, refusal)
+        _, identity, refusal = self._computed
+        if refusal is not None:
+            raise IdentityError(refusal)
+        return identity, "model.identity" if pinned else f"the model in {self.model_dir}"
 
     def identity_for(self, reported: ModelIdentity) -> ModelIdentity:
         """What the SR of a draft from a worker reporting ``reported`` names as its model.

@@ -16,7 +16,6 @@ import errno
 import hashlib
 import io
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import structlog
 
 from cxr_node import audit
-from cxr_node.durable import FILE_MODE, confined, free_mb, move_durably, private_dir, write_atomic
+from cxr_node.durable import confined, free_mb, move_durably, private_dir, private_opener, write_atomic
 from cxr_node.logs import study_key
 from cxr_node.part10 import (
     CANNOT_UNDERSTAND,
@@ -68,7 +67,7 @@ class IncomingFile:
             self.refusal = Rejected(OUT_OF_RESOURCES, DISK_FULL, keep=False)
             return
         try:
-            self._file = io.FileIO(path, "xb", opener=_private)
+            self._file = io.FileIO(path, "xb", opener=private_opener)
         except OSError as exc:
             self.refusal = Rejected(OUT_OF_RESOURCES, f"cannot create a file: {exc.strerror}",
                                     keep=False)
@@ -112,10 +111,6 @@ class IncomingFile:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-
-
-def _private(path: str, flags: int) -> int:
-    return os.open(path, flags, FILE_MODE)
 
 
 class Spool:

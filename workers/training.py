@@ -53,8 +53,14 @@ from cxr_node.adaptation.scrub import Scrubber  # noqa: E402
 from cxr_node.adaptation.settings import TrainSettings  # noqa: E402
 from cxr_node.adaptation.split import Split, patient_of, split_by_patient  # noqa: E402
 from cxr_node.config import Config  # noqa: E402
-from cxr_node.durable import fsync_dir, private_dir, write_atomic  # noqa: E402
-from cxr_node.evaluation.datasets import Dataset, Study, StudyImages, load_dataset  # noqa: E402
+from cxr_node.durable import fsync_dir, private_dir, private_opener, write_atomic  # noqa: E402
+from cxr_node.evaluation.datasets import (  # noqa: E402
+    Dataset,
+    Study,
+    StudyImages,
+    load_dataset,
+    write_manifest,
+)
 from cxr_node.evaluation.progress import Progress  # noqa: E402
 from cxr_node.identity import CARD_NAME, MANIFEST_NAME, adapter_version, weights_checksum  # noqa: E402
 from cxr_node.imaging import ImagingError  # noqa: E402
@@ -114,8 +120,8 @@ def train(request: TrainRequest, progress: IO[str] | None = None) -> AdapterCard
     split = split_by_patient(dataset.studies, request.settings.heldout_fraction,
                              request.settings.seed)
     _keep_same_plan(work / PLAN, _plan(request, dataset, base_dir))
-    _write_manifest(work / TRAIN_MANIFEST, split.train)
-    _write_manifest(work / HELDOUT_MANIFEST, split.heldout)
+    _write_split(work / TRAIN_MANIFEST, split.train)
+    _write_split(work / HELDOUT_MANIFEST, split.heldout)
     entries, left_out, scrubbed = _prepare(request, split.train, work / PREPARED, progress)
     if not entries:
         raise TrainError(f"none of the {len(split.train)} training studies has a usable image")
@@ -178,16 +184,17 @@ def _keep_same_plan(path: Path, plan: dict[str, Any]) -> None:
     write_atomic(path, (json.dumps(plan, indent=2) + "\n").encode())
 
 
-def _write_manifest(path: Path, studies: Sequence[Study]) -> None:
-    lines = []
+def _write_split(path: Path, studies: Sequence[Study]) -> None:
+    """One side of the split as a manifest (absolute image paths), for the evaluation runs."""
+    rows = []
     for study in studies:
-        line = {"id": study.id, "patient_id": study.patient_id,
-                "images": [{"path": str(i.path), **({"view": i.view.value} if i.view else {})}
-                           for i in study.images],
-                "findings": study.findings, "impression": study.impression, "day": study.day,
-                "source": study.source, "licence": study.licence}
-        lines.append(json.dumps({k: v for k, v in line.items() if v is not None}) + "\n")
-    write_atomic(path, "".join(lines).encode())
+        row = {"id": study.id, "patient_id": study.patient_id,
+               "images": [{"path": str(i.path), **({"view": i.view.value} if i.view else {})}
+                          for i in study.images],
+               "findings": study.findings, "impression": study.impression, "day": study.day,
+               "source": study.source, "licence": study.licence}
+        rows.append({k: v for k, v in row.items() if v is not None})
+    write_manifest(path, rows)
 
 
 def target_text(study: Study) -> str:
@@ -209,7 +216,7 @@ def _prepare(request: TrainRequest, studies: Sequence[Study], path: Path,
         bar = Progress(len(studies), "studies prepared", done=len(studies) - len(todo),
                        stream=progress)
         try:
-            with open(path, "a", encoding="utf-8", opener=_private) as file:
+            with open(path, "a", encoding="utf-8", opener=private_opener) as file:
                 for study in todo:
                     try:
                         selection = images.select(study, model.image_size, model.max_images)
@@ -255,10 +262,6 @@ def _read_prepared(path: Path) -> dict[str, dict[str, Any]]:
             value = json.loads(line)
             done[value["id"]] = value
     return done
-
-
-def _private(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -313,12 +316,13 @@ def _fit(request: TrainRequest, entries: Sequence[_Entry], work: Path, out: Path
     total = settings.projector_steps + settings.epochs * per_epoch
     stream, prompt_lengths = _Stream(len(entries), settings.seed), dict[str, int]()
     start, optimizer_state = _resume(work, model)
-    started, seconds_before = time.perf_counter(), _seconds_so_far(work / LOSS, start)
+    before = _last_logged(work / LOSS)  # the steps up to the checkpoint resumed from
+    started, seconds_before = time.perf_counter(), before["seconds"] if before else 0.0
     bar = Progress(total, "steps", done=start, stream=progress)
-    optimizer, stage, last_loss = None, None, None
+    optimizer, stage = None, None
     model.train()
     try:
-        with open(work / LOSS, "a", encoding="utf-8", opener=_private) as losses:
+        with open(work / LOSS, "a", encoding="utf-8", opener=private_opener) as losses:
             for step in range(start, total):
                 now = "projector" if step < settings.projector_steps else "lora"
                 if now != stage:
@@ -341,7 +345,6 @@ def _fit(request: TrainRequest, entries: Sequence[_Entry], work: Path, out: Path
                     [p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                last_loss = loss
                 losses.write(json.dumps({
                     "step": step + 1, "stage": stage, "loss": round(loss, 6),
                     "learning_rate": optimizer.param_groups[0]["lr"], "target_tokens": tokens,
@@ -356,7 +359,7 @@ def _fit(request: TrainRequest, entries: Sequence[_Entry], work: Path, out: Path
     trained = {"steps": total, "examples": len(entries), "lora_modules": len(targets),
                "trainable_parameters": sum(p.numel() for n, p in model.named_parameters()
                                            if "lora_" in n or "modules_to_save" in n),
-               "final_loss": last_loss if last_loss is not None else _last_loss(work / LOSS),
+               "final_loss": (_last_logged(work / LOSS) or {}).get("loss"),
                "seconds": round(seconds_before + time.perf_counter() - started, 1),
                "device": base.device, "peak_memory_mb": _peak_memory_mb(base.device)}
     _save_adapter(model, out)
@@ -497,16 +500,10 @@ def _cut_losses(path: Path, step: int) -> None:
     write_atomic(path, "".join(kept).encode())
 
 
-def _seconds_so_far(path: Path, step: int) -> float:
-    if step == 0 or not path.exists():
-        return 0.0
-    lines = path.read_text().splitlines()
-    return float(json.loads(lines[-1])["seconds"]) if lines else 0.0
-
-
-def _last_loss(path: Path) -> float | None:
+def _last_logged(path: Path) -> dict[str, Any] | None:
+    """The loss log's last step (a new run has none: `_resume` removed the log)."""
     lines = path.read_text().splitlines() if path.exists() else []
-    return float(json.loads(lines[-1])["loss"]) if lines else None
+    return json.loads(lines[-1]) if lines else None
 
 
 def _peak_memory_mb(device: str) -> float:

@@ -36,7 +36,7 @@ from typing import Any
 
 from cxr_node.adaptation.scrub import Scrubber
 from cxr_node.durable import private_dir, write_atomic
-from cxr_node.evaluation.datasets import MAX_SECTION_CHARS
+from cxr_node.evaluation.datasets import MAX_SECTION_CHARS, write_manifest
 
 MAX_TABLE_BYTES = 64 * 2**20
 MAX_IMAGE_BYTES = 32 * 2**20
@@ -149,7 +149,7 @@ def build_covid_corpus(collection: Path, out: Path, allow_non_commercial: bool =
         corpus.kept.append({**line, "records": [f"{table.name}:{number}" for number, _ in members],
                             "origin": sorted({_cell(r, "url") or _cell(r, "doi")
                                               for _, r in members} - {""})})
-    write_atomic(out / CORPUS, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    write_manifest(out / CORPUS, lines)
     write_atomic(out / REPORT, (json.dumps(corpus.as_dict(), indent=2) + "\n").encode())
     write_atomic(out / ATTRIBUTION, _attribution(corpus).encode())
     return corpus

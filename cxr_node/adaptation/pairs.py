@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
 import sqlite3
 from collections import Counter
@@ -31,8 +30,8 @@ from pydicom.errors import InvalidDicomError
 
 from cxr_node.adaptation.scrub import Scrubber
 from cxr_node.config import Config
-from cxr_node.durable import private_dir, write_atomic
-from cxr_node.evaluation.datasets import MAX_IMAGES_PER_STUDY
+from cxr_node.durable import private_dir
+from cxr_node.evaluation.datasets import MAX_IMAGES_PER_STUDY, write_manifest
 
 PAIRS = "node-pairs.jsonl"
 SOURCE, LICENCE = "node", "this site's signed reports"
@@ -101,7 +100,7 @@ def export_pairs(config: Config, out: Path) -> NodePairs:
                 "source": SOURCE, "licence": LICENCE})
     db.close()
     result.studies = len(lines)
-    write_atomic(result.manifest, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    write_manifest(result.manifest, lines)
     return result
 
 

@@ -29,9 +29,9 @@ from cxr_node.config import Config
 from cxr_node.identity import (
     IdentityError,
     adapter_digest,
+    adapter_label,
     check_adapter_base,
     model_identity,
-    read_manifest,
 )
 from cxr_node.store import Store
 
@@ -82,11 +82,12 @@ def promote(config: Config, adapter_dir: Path, progress: IO[str] | None = None,
 
 
 def _label(adapter_dir: Path, files: str) -> str:
+    """The adapter's label as its SRs would give it; from the folder alone when its manifest is
+    unreadable (the decision is still recorded, as a refusal)."""
     try:
-        manifest = read_manifest(adapter_dir)
+        return adapter_label(adapter_dir)
     except IdentityError:
-        manifest = {}
-    return f"{manifest.get('name', adapter_dir.resolve().name)}@{manifest.get('version', files[:12])}"
+        return f"{adapter_dir.resolve().name}@{files[:12]}"
 
 
 def _judge(config: Config, adapter_dir: Path, decision: Decision, progress: IO[str] | None,

@@ -31,7 +31,7 @@ from PIL import Image
 
 from cxr_node.config import LimitsConfig
 from cxr_node.decoder import DecoderProcess
-from cxr_node.durable import OutsideRoot, confined
+from cxr_node.durable import OutsideRoot, confined, write_atomic
 from cxr_node.evaluation.jsonl import MAX_ID_CHARS, MAX_LINE_BYTES, MAX_RECORDS
 from cxr_node.evaluation.mesh import iu_reports
 from cxr_node.imaging import Candidate, ImagingError, Selection, View, model_pixels, select_images
@@ -172,6 +172,12 @@ def _manifest(path: Path, allow_outside: bool) -> Dataset:
 
 
 Row = dict[str, Any]
+
+
+def write_manifest(path: Path, rows: Sequence[Row]) -> None:
+    """A manifest in JSON lines (the corpus builder's, the node's pairs, a training split), private
+    and whole or not at all."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, Row | str]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cxr_node.config import Config
-from cxr_node.durable import private_dir, write_atomic
+from cxr_node.durable import private_dir, private_opener, write_atomic
 from cxr_node.evaluation.datasets import Dataset, Study, StudyImages, load_dataset
 from cxr_node.evaluation.energy import Meter, co2_grams, meter_for
 from cxr_node.evaluation.labels import label, significant_misses
@@ -163,7 +163,7 @@ def _draft(request: RunRequest, todo: Sequence[tuple[int, Study]], path: Path,
     images = StudyImages(config.limits)
     size = config.queue.batch_size
     try:
-        with open(path, "ab", opener=_private) as results:
+        with open(path, "ab", opener=private_opener) as results:
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
                 try:
@@ -265,11 +265,6 @@ def _line(study: Study, status: str, reason: str | None, selection: Selection | 
         line.update(labels=labels, scores=report_scores(study.reference, text),
                     significant_misses=significant_misses(labels["reference"], labels["draft"]))
     return line
-
-
-def _private(path: str, flags: int) -> int:
-    """Open with the run's files private to its user (created 0600)."""
-    return os.open(path, flags, 0o600)
 
 
 # -- reading results ----------------------------------------------------------------------------
